@@ -1,0 +1,338 @@
+"""raylm's Python API: what the CLI does, for scripts and platform automation.
+
+import raylm
+plan = raylm.ServePlan(models=(raylm.ModelDeployment(model="/models/tiny", name="tiny", engine="vllm"),))
+deployment = raylm.serve(plan)          # returns once every model answers
+print(deployment.url)                   # http://127.0.0.1:8000, OpenAI API under /v1
+raylm.stop(deployment.name)             # or: with raylm.serve(plan): ...
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from raylm.backend import Backend, ClusterStatus, Progress
+from raylm.config import ServePlan, check_model_path, check_port_free
+from raylm.engine import Engine
+from raylm.errors import ConfigError, DeploymentError
+from raylm.plugins import Registry, get_registry
+from raylm.server_process import http_ok
+from raylm.state import Records
+
+DEPLOYMENTS = Records("deployments")
+READY_TIMEOUT_S = 1800
+PORT_RELEASE_TIMEOUT_S = 15
+
+
+def _stderr(message: str) -> None:
+    print(f"raylm: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A running deployment; a context manager that stops it on exit."""
+
+    name: str
+    url: str
+    models: tuple[str, ...]
+
+    def stop(self, progress: Progress = _stderr) -> None:
+        stop(self.name, progress=progress)
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+def make_backend(name: str | None, options: Mapping[str, Any], registry: Registry) -> Backend:
+    """Instantiate a backend with its declared options; an undeclared option is an error."""
+    spec = registry.backend(name or registry.default_backend())
+    declared = {option.name: option for option in spec.options}
+    values: dict[str, Any] = {option.name: option.default for option in spec.options}
+    for key, value in options.items():
+        if key == "cluster":
+            values[key] = value
+        elif key not in declared:
+            allowed = ", ".join(sorted(declared)) or "none"
+            raise ConfigError(f"backend {spec.name!r} has no option {key!r}; its options: {allowed}")
+        elif value is not None:
+            values[key] = declared[key].type(value)
+    return spec.backend_class(values)
+
+
+def _app_name(deployment: str, part: str) -> str:
+    return f"raylm-{deployment}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", part)
+
+
+def _prepare_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
+    """Resolve, construct and validate every model's engine, before anything starts."""
+    engines = []
+    for model in plan.models:
+        spec = registry.engine(model.engine)
+        check_model_path(model.model)
+        engines.append(spec.engine_class(model))
+    # Engine checks may run the engine's own parser in a child process: run them side by side.
+    with ThreadPoolExecutor(max_workers=len(engines)) as pool:
+        for future in [pool.submit(engine.validate) for engine in engines]:
+            future.result()
+    return engines
+
+
+def serve(
+    plan: ServePlan,
+    *,
+    progress: Progress = _stderr,
+    registry: Registry | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Deployment:
+    """Start the cluster if needed, deploy every model and the router, return once all answer.
+
+    Anything this call started is stopped again if it fails or is interrupted.
+    """
+    registry = registry or get_registry()
+    _refuse_running_duplicate(plan.name)
+    backend_name = plan.backend or registry.default_backend()
+    # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
+    backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
+    if backend.head_is_local:
+        check_port_free(plan.host, plan.port)
+    progress(f"checking {len(plan.models)} model(s): {', '.join(m.name for m in plan.models)}")
+    engines = _prepare_engines(plan, registry)
+    owns_cluster = backend.status() is None
+    cluster = backend.up(progress)
+    apps = [_app_name(plan.name, "router")] + [_app_name(plan.name, m.name) for m in plan.models]
+    record = {
+        "name": plan.name,
+        "url": plan.url,
+        "models": [m.name for m in plan.models],
+        "apps": apps,
+        "backend": backend_name,
+        "backend_options": backend.options,
+        "address": cluster.address,
+        "owns_cluster": owns_cluster,
+        "head_is_local": backend.head_is_local,
+        "host": plan.host,
+        "port": plan.port,
+        "started": time.time(),
+    }
+    DEPLOYMENTS.save(plan.name, record)
+    try:
+        _deploy(plan, engines, cluster, apps, progress, ready_timeout_s)
+    except BaseException:
+        progress("start failed; cleaning up what was started")
+        stop(plan.name, progress=progress)
+        raise
+    progress(f"serving {', '.join(record['models'])} at {plan.url}/v1")
+    return Deployment(name=plan.name, url=plan.url, models=tuple(record["models"]))
+
+
+def _refuse_running_duplicate(name: str) -> None:
+    record = DEPLOYMENTS.load(name)
+    if record is None:
+        return
+    if http_ok(f"{record['url']}/health", 2.0):
+        raise ConfigError(
+            f"a deployment named {name!r} already runs at {record['url']}: "
+            f"stop it with `raylm stop {name}`, or choose another --name"
+        )
+    raise ConfigError(
+        f"a deployment named {name!r} was started earlier and no longer answers: clean it up with `raylm stop {name}`"
+    )
+
+
+def _connect(address: str) -> None:
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
+
+
+def _deploy(
+    plan: ServePlan,
+    engines: list[Engine],
+    cluster: ClusterStatus,
+    apps: list[str],
+    progress: Progress,
+    ready_timeout_s: float,
+) -> None:
+    from ray import serve
+
+    from raylm.serving.replicas import HEAD_NODE_RESOURCE, ModelReplica, RouterReplica
+
+    _connect(cluster.address)
+    serve.start(proxy_location="Disabled")
+    router_app, model_apps = apps[0], apps[1:]
+    router = serve.deployment(
+        RouterReplica,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
+        health_check_period_s=5,
+        max_constructor_retry_count=1,
+    ).bind(plan.host, plan.port, [m.name for m in plan.models])
+    targets = [serve.RunTarget(target=router, name=router_app, route_prefix=None)]
+    for engine, app in zip(engines, model_apps):
+        model, resources = engine.deployment, engine.resources()
+        runtime_env: dict[str, Any] = {}
+        if model.env:
+            runtime_env["env_vars"] = dict(model.env)
+        if model.python:
+            runtime_env["py_executable"] = model.python
+        options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        replica = serve.deployment(
+            ModelReplica,
+            name="Model",
+            num_replicas=model.replicas,
+            ray_actor_options=options,
+            placement_group_bundles=[dict(b) for b in resources.bundles] or None,
+            placement_group_strategy=resources.strategy if resources.bundles else None,
+            health_check_period_s=10,
+            health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=30,
+            # A replica that fails to start fails the deployment at once, with its error; no slow retries.
+            max_constructor_retry_count=model.replicas,
+        ).bind(model, type(engine), router_app)
+        targets.append(serve.RunTarget(target=replica, name=app, route_prefix=None))
+    progress(f"deploying the router on {plan.host}:{plan.port} and {len(model_apps)} model(s)")
+    serve.run_many(targets, wait_for_applications_running=False)
+    _wait_running(dict(zip(apps, ["router", *(m.name for m in plan.models)])), progress, ready_timeout_s)
+
+
+def _wait_running(apps: dict[str, str], progress: Progress, timeout_s: float) -> None:
+    """Report each app's progress until all run; raise with Serve's message when one fails."""
+    from ray import serve
+
+    shown: dict[str, str] = {}
+    started = time.monotonic()
+    while True:
+        statuses = serve.status().applications
+        waiting = []
+        for app, label in apps.items():
+            status = statuses.get(app)
+            state = status.status if status else "NOT_STARTED"
+            if state == "DEPLOY_FAILED" or state == "UNHEALTHY":
+                raise DeploymentError(f"{label} failed to start: {_failure_message(status)}")
+            if state != "RUNNING":
+                waiting.append(label)
+            replicas = [
+                f"{n} {s.lower()}"
+                for d in (status.deployments.values() if status else ())
+                for s, n in d.replica_states.items()
+                if n
+            ]
+            line = f"{label}: {state.lower()}" + (f" ({', '.join(replicas)})" if replicas else "")
+            if shown.get(app) != line:
+                shown[app] = line
+                progress(f"{line} [{time.monotonic() - started:.0f}s]")
+        if not waiting:
+            return
+        if time.monotonic() - started > timeout_s:
+            raise DeploymentError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}")
+        time.sleep(1.0)
+
+
+def _failure_message(status: Any) -> str:
+    messages = [status.message] + [d.message for d in status.deployments.values()]
+    text = "\n".join(m for m in messages if m).strip()
+    # Serve wraps the replica's exception in a long traceback; its last lines say what happened.
+    lines = [line for line in text.splitlines() if line.strip()]
+    return "\n".join(lines[-14:]) if lines else "no message from Ray Serve"
+
+
+def status(name: str | None = None) -> list[dict[str, Any]]:
+    """The deployments raylm started, each with whether its endpoint answers and is ready."""
+    names = [name] if name else DEPLOYMENTS.names()
+    result = []
+    for each in names:
+        record = DEPLOYMENTS.load(each)
+        if record is None:
+            raise ConfigError(f"no deployment named {each!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
+        record["healthy"] = http_ok(f"{record['url']}/health", 2.0)
+        record["ready"] = http_ok(f"{record['url']}/ready", 2.0)
+        result.append(record)
+    return result
+
+
+def stop(name: str | None = None, *, progress: Progress = _stderr, registry: Registry | None = None) -> list[str]:
+    """Stop a deployment (all of them when `name` is None): its models, its router, and a cluster it started."""
+    registry = registry or get_registry()
+    names = [name] if name else DEPLOYMENTS.names()
+    for each in names:
+        record = DEPLOYMENTS.load(each)
+        if record is None:
+            raise ConfigError(f"no deployment named {each!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
+        backend = make_backend(record["backend"], record["backend_options"], registry)
+        if backend.status() is not None:
+            _delete_apps(record, progress)
+        if record["owns_cluster"] and not _hand_over_cluster(record):
+            backend.down(progress)
+        if record["head_is_local"]:
+            _wait_port_released(record["host"], record["port"])
+        DEPLOYMENTS.delete(each)
+        progress(f"stopped {each}")
+    return names
+
+
+def _hand_over_cluster(record: dict[str, Any]) -> bool:
+    """Make another deployment on the same cluster its owner, so stopping this one leaves the cluster up."""
+    for other_name in DEPLOYMENTS.names():
+        other = DEPLOYMENTS.load(other_name)
+        if other and other_name != record["name"] and other["address"] == record["address"]:
+            DEPLOYMENTS.save(other_name, {**other, "owns_cluster": True})
+            return True
+    return False
+
+
+def _delete_apps(record: dict[str, Any], progress: Progress) -> None:
+    import ray
+    from ray import serve
+
+    _connect(record["address"])
+    try:
+        running = serve.status().applications
+        for app in reversed(record["apps"]):  # models first, so they can deregister from the router
+            if app in running:
+                progress(f"deleting {app}")
+                serve.delete(app)
+    finally:
+        ray.shutdown()
+
+
+def _wait_port_released(host: str, port: int) -> None:
+    deadline = time.monotonic() + PORT_RELEASE_TIMEOUT_S
+    while True:
+        try:
+            check_port_free(host, port)
+            return
+        except ConfigError:
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"port {port} on {host} is still in use after stopping") from None
+            time.sleep(0.2)
+
+
+def cluster_up(backend: str | None, options: Mapping[str, Any], progress: Progress = _stderr) -> ClusterStatus:
+    return make_backend(backend, options, get_registry()).up(progress)
+
+
+def cluster_status(backend: str | None, options: Mapping[str, Any]) -> ClusterStatus | None:
+    return make_backend(backend, options, get_registry()).status()
+
+
+def cluster_scale(
+    backend: str | None, options: Mapping[str, Any], workers: int, progress: Progress = _stderr
+) -> ClusterStatus:
+    return make_backend(backend, options, get_registry()).scale(workers, progress)
+
+
+def cluster_down(backend: str | None, options: Mapping[str, Any], progress: Progress = _stderr) -> None:
+    make_backend(backend, options, get_registry()).down(progress)

@@ -1,0 +1,297 @@
+"""The `raylm` command. Plugins add options and subcommands; nothing heavy is imported before a command runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from raylm import __version__
+from raylm.errors import RaylmError
+from raylm.plugins import Registry, get_registry
+
+
+def echo_progress(message: str) -> None:
+    click.echo(f"raylm: {message}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="raylm")
+def cli() -> None:
+    """Serve large language models on Ray Serve behind an OpenAI-compatible API.
+
+    Engines (vLLM, SGLang, ...) and cluster backends (local Ray, Cloudera ML, ...)
+    are plugins; `raylm plugins` shows what is installed.
+    """
+
+
+# -- plugins -----------------------------------------------------------------
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+def plugins_command(as_json: bool) -> None:
+    """List installed plugins, what they provide, and whether they can be used."""
+    records = [record.to_dict() for record in get_registry().plugins.values()]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo("no raylm plugins installed; e.g. pip install raylm-local raylm-vllm")
+        return
+    rows = [("PLUGIN", "VERSION", "PROVIDES", "STATUS")]
+    for record in records:
+        provides = ", ".join([f"engine {n}" for n in record["engines"]] + [f"backend {n}" for n in record["backends"]])
+        # A missing runtime's error already reads "missing <module> (pip install ...)".
+        state = {"ok": "ok", "missing": record["error"]}.get(record["status"], f"failed: {record['error']}")
+        rows.append((record["name"], record["version"], provides or "-", state))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+
+
+# -- serve / status / stop -------------------------------------------------------
+
+
+def _backend_options(kwargs: dict[str, Any], registry: Registry) -> dict[str, Any]:
+    """Pop the plugin-declared backend options that were given on the command line."""
+    names = {option.name for spec in registry.backend_specs() for option in spec.options}
+    return {name: kwargs.pop(name) for name in names if kwargs.get(name) is not None}
+
+
+def _deployment_name(model_name: str) -> str:
+    return re.sub(r"[^a-z0-9_-]+", "-", model_name.lower()).strip("-")[:40] or "default"
+
+
+@cli.command("serve", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model", required=False)
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("-f", "--file", "plan_file", type=click.Path(dir_okay=False), help="Deployment file (YAML).")
+@click.option("--name", help="Name clients use for the model, and of the deployment (default: the model's folder).")
+@click.option("--engine", default="vllm", show_default=True, help="Inference engine plugin.")
+@click.option("--backend", help="Cluster backend plugin (default: the one the environment suggests, else local).")
+@click.option("--cluster", help="Cluster name within the backend (default: the deployment's name).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the OpenAI endpoint listens on.")
+@click.option("--port", default=8000, show_default=True, type=int, help="Port of the OpenAI endpoint.")
+@click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas of the model.")
+@click.option("--python", "python_path", help="Python interpreter of a venv holding the engine, for its replicas.")
+@click.option("--detach", is_flag=True, help="Return once serving; stop later with `raylm stop NAME`.")
+def serve_command(
+    model: str | None,
+    engine_args: tuple[str, ...],
+    plan_file: str | None,
+    name: str | None,
+    engine: str,
+    backend: str | None,
+    cluster: str | None,
+    host: str,
+    port: int,
+    replicas: int,
+    python_path: str | None,
+    detach: bool,
+    **kwargs: Any,
+) -> None:
+    """Serve MODEL (a path or hub id) with its ENGINE_ARGS, or the models of a deployment file.
+
+    Options raylm does not know are the engine's own and pass through unchanged,
+    e.g. `raylm serve ./tiny --max-model-len 512 --dtype float32`.
+    """
+    from raylm.api import serve
+    from raylm.config import ServePlan, default_model_name, load_plan_file
+    from raylm.engine import ModelDeployment
+
+    registry = get_registry()
+    backend_options = _backend_options(kwargs, registry)
+    if cluster:
+        backend_options["cluster"] = cluster
+    if plan_file:
+        if model or engine_args:
+            raise click.UsageError("give either MODEL with its options or -f FILE, not both")
+        plan = load_plan_file(plan_file)
+        plan = ServePlan(
+            models=plan.models,
+            name=plan.name,
+            host=plan.host,
+            port=plan.port,
+            backend=backend or plan.backend,
+            backend_options={**plan.backend_options, **backend_options},
+        )
+    else:
+        if not model:
+            raise click.UsageError("name a MODEL to serve, or a deployment file with -f")
+        served_name = name or default_model_name(model)
+        deployment = ModelDeployment(
+            model=model, name=served_name, engine=engine, engine_args=engine_args, replicas=replicas, python=python_path
+        )
+        plan = ServePlan(
+            models=(deployment,),
+            name=_deployment_name(served_name),
+            host=host,
+            port=port,
+            backend=backend,
+            backend_options=backend_options,
+        )
+    running = serve(plan, progress=echo_progress, registry=registry)
+    click.echo(f"{running.url}/v1")
+    if detach:
+        echo_progress(f"detached; `raylm status {running.name}` shows it, `raylm stop {running.name}` stops it")
+        return
+    echo_progress("press Ctrl-C to stop")
+    _wait_for_stop_signal()
+    running.stop(progress=echo_progress)
+
+
+def _wait_for_stop_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    echo_progress("stopping")
+
+
+@cli.command("status")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status_command(name: str | None, as_json: bool) -> None:
+    """Show the deployments raylm runs (or one of them)."""
+    from raylm.api import status
+
+    records = status(name)
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    if not records:
+        click.echo("no deployments running")
+        return
+    for record in records:
+        state = "ready" if record["ready"] else ("starting" if record["healthy"] else "not answering")
+        click.echo(
+            f"{record['name']}: {state} at {record['url']}/v1, models {', '.join(record['models'])}, "
+            f"backend {record['backend']} ({record['address']})"
+        )
+
+
+@cli.command("stop")
+@click.argument("name", required=False)
+def stop_command(name: str | None) -> None:
+    """Stop a deployment (all, without NAME): its models, router, and any cluster it started."""
+    from raylm.api import stop
+
+    if not stop(name, progress=echo_progress):
+        click.echo("no deployments running")
+
+
+# -- cluster -------------------------------------------------------------------
+
+
+@cli.group("cluster")
+def cluster_group() -> None:
+    """Start, inspect, scale and stop clusters of a backend."""
+
+
+def _cluster_options(function):
+    function = click.option("--json", "as_json", is_flag=True, help="Print JSON.")(function)
+    function = click.option(
+        "--cluster", "cluster_name", default="default", show_default=True, help="Cluster name within the backend."
+    )(function)
+    return click.option("--backend", help="Cluster backend plugin (default: as for serve).")(function)
+
+
+def _print_cluster(status: Any, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status.to_dict() if status else None, indent=2))
+    elif status is None:
+        click.echo("no such cluster running")
+    else:
+        click.echo(
+            f"{status.backend} cluster {status.name!r} at {status.address}: "
+            f"{status.nodes_alive}/{status.nodes_expected} nodes alive"
+            + (f", dashboard {status.dashboard_url}" if status.dashboard_url else "")
+        )
+
+
+@cluster_group.command("up")
+@_cluster_options
+def cluster_up_command(backend: str | None, cluster_name: str, as_json: bool, **kwargs: Any) -> None:
+    """Start a cluster (or reuse the running one of that name)."""
+    from raylm.api import cluster_up
+
+    options = {"cluster": cluster_name, **_backend_options(kwargs, get_registry())}
+    _print_cluster(cluster_up(backend, options, echo_progress), as_json)
+
+
+@cluster_group.command("status")
+@_cluster_options
+def cluster_status_command(backend: str | None, cluster_name: str, as_json: bool, **kwargs: Any) -> None:
+    """Show a cluster."""
+    from raylm.api import cluster_status
+
+    options = {"cluster": cluster_name, **_backend_options(kwargs, get_registry())}
+    _print_cluster(cluster_status(backend, options), as_json)
+
+
+@cluster_group.command("scale")
+@_cluster_options
+@click.option("--workers", type=int, required=True, help="Number of worker nodes.")
+def cluster_scale_command(backend: str | None, cluster_name: str, as_json: bool, workers: int, **kwargs: Any) -> None:
+    """Change the number of worker nodes."""
+    from raylm.api import cluster_scale
+
+    options = {"cluster": cluster_name, **_backend_options(kwargs, get_registry())}
+    _print_cluster(cluster_scale(backend, options, workers, echo_progress), as_json)
+
+
+@cluster_group.command("down")
+@_cluster_options
+def cluster_down_command(backend: str | None, cluster_name: str, as_json: bool, **kwargs: Any) -> None:
+    """Stop a cluster and everything on it that raylm started."""
+    from raylm.api import cluster_down
+
+    options = {"cluster": cluster_name, **_backend_options(kwargs, get_registry())}
+    cluster_down(backend, options, echo_progress)
+
+
+BACKEND_OPTION_COMMANDS = (
+    serve_command,
+    cluster_up_command,
+    cluster_status_command,
+    cluster_scale_command,
+    cluster_down_command,
+)
+
+
+def add_backend_options(registry: Registry) -> None:
+    """Offer each backend's declared options (`--address`, ...) on the commands that pick a backend."""
+    for command in BACKEND_OPTION_COMMANDS:
+        present = {param.name for param in command.params}
+        for spec in registry.backend_specs():
+            for option in spec.options:
+                if option.name in present:
+                    continue
+                present.add(option.name)
+                flag = "--" + option.name.replace("_", "-")
+                command.params.append(
+                    click.Option(
+                        [flag, option.name], type=option.type, default=None, help=f"[{spec.name}] {option.help}"
+                    )
+                )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        registry = get_registry()
+        add_backend_options(registry)
+        registry.add_cli_commands(cli)
+        cli.main(args=argv, prog_name="raylm")
+    except RaylmError as exc:
+        click.echo(f"raylm: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("raylm: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,157 @@
+"""What to serve: a `ServePlan`, from command-line options or a deployment file.
+
+A deployment file (`raylm serve -f deploy.yaml`)::
+
+    name: demo                     # deployment name, used by `raylm status` / `raylm stop`
+    cluster:
+      backend: local               # optional: the default backend answers otherwise
+      num_cpus: 8                  # backend options, as on the command line
+    server:
+      host: 127.0.0.1
+      port: 8000
+    models:
+      - model: ./models/tiny-llama # path or hub id
+        name: tiny                 # the `model` clients ask for (default: the path's last part)
+        engine: vllm
+        replicas: 1
+        engine_args:               # the engine's own options, passed through unchanged
+          max_model_len: 512
+        python: /opt/venvs/vllm/bin/python   # optional: run this model's replicas in that environment
+        env: {VLLM_LOGGING_LEVEL: WARNING}  # optional: extra environment of the replicas
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylm.engine import ModelDeployment, args_to_argv
+from raylm.errors import ConfigError
+
+DEFAULT_ENGINE = "vllm"
+DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """Models to serve behind one endpoint, and the cluster to serve them on."""
+
+    models: tuple[ModelDeployment, ...]
+    name: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str | None = None
+    backend_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not DEPLOYMENT_NAME.match(self.name):
+            raise ConfigError(f"deployment name {self.name!r} is invalid: use lowercase letters, digits, '-' or '_'")
+        if not self.models:
+            raise ConfigError("nothing to serve: name at least one model")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ConfigError(f"two models are served as {', '.join(duplicates)}: give each a distinct `name`")
+        if not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"port must be between 1 and 65535, got {self.port!r}")
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "backend_options", dict(self.backend_options))
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+
+def default_model_name(model: str) -> str:
+    return Path(model.rstrip("/")).name or model
+
+
+def check_model_path(model: str) -> None:
+    """A model written as a path must exist; anything else is left to the engine as a hub id."""
+    looks_like_path = model.startswith(("/", "./", "../", "~")) or os.path.exists(model)
+    if looks_like_path and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"model path {model} does not exist")
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"port {port} on {host} is in use ({exc.strerror}): choose another with --port") from None
+
+
+def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
+    allowed = {"model", "name", "engine", "replicas", "engine_args", "python", "env"}
+    _reject_unknown(entry, allowed, where)
+    if "model" not in entry:
+        raise ConfigError(f"{where}: `model` (a path or id) is required")
+    engine_args = entry.get("engine_args") or {}
+    if isinstance(engine_args, Mapping):
+        argv = args_to_argv(engine_args)
+    elif isinstance(engine_args, list):
+        argv = tuple(map(str, engine_args))
+    else:
+        raise ConfigError(f"{where}: engine_args must be a mapping or a list of command-line tokens")
+    model = str(entry["model"])
+    return ModelDeployment(
+        model=model,
+        name=str(entry.get("name") or default_model_name(model)),
+        engine=str(entry.get("engine") or DEFAULT_ENGINE),
+        engine_args=argv,
+        replicas=entry.get("replicas", 1),
+        python=entry.get("python"),
+        env={str(k): str(v) for k, v in (entry.get("env") or {}).items()},
+    )
+
+
+def load_plan_file(path: str | Path) -> ServePlan:
+    """Read a deployment file; relative model paths are taken from the file's folder."""
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(document, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with `models`, `server`, `cluster`")
+    _reject_unknown(document, {"name", "cluster", "server", "models"}, str(path))
+    server = document.get("server") or {}
+    cluster = dict(document.get("cluster") or {})
+    _reject_unknown(server, {"host", "port"}, f"{path}: server")
+    models = document.get("models")
+    if not isinstance(models, list) or not models:
+        raise ConfigError(f"{path}: `models` must be a non-empty list")
+    deployments = []
+    for index, entry in enumerate(models):
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{path}: models[{index}] must be a mapping")
+        entry = dict(entry)
+        model = str(entry.get("model", ""))
+        if model.startswith(("./", "../")):
+            entry["model"] = str((path.parent / model).resolve())
+        deployments.append(model_from_mapping(entry, f"{path}: models[{index}]"))
+    return ServePlan(
+        models=tuple(deployments),
+        name=str(document.get("name") or "default"),
+        host=str(server.get("host", "127.0.0.1")),
+        port=server.get("port", 8000),
+        backend=cluster.pop("backend", None),
+        backend_options=cluster,
+    )
+
+
+def _reject_unknown(entry: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")

@@ -1,0 +1,143 @@
+"""The Ray Serve deployments raylm runs: one router, and a replica set per model.
+
+Ray Serve keeps them alive (health checks, restarts, replica counts); the data
+path does not go through Serve's own proxy. The router replica binds the public
+port on the head node; each model replica starts its engine's OpenAI server and
+registers its address with the router, repeating it as a heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from ray import serve
+
+from raylm.engine import Engine, ModelDeployment
+from raylm.serving.router import Router, RouteTable, run
+
+logger = logging.getLogger("ray.serve")
+
+HEARTBEAT_SECONDS = 5.0
+# A replica that missed this many seconds of heartbeats is dropped from routing.
+EXPIRY_SECONDS = 4 * HEARTBEAT_SECONDS
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
+class RouterReplica:
+    """Runs the router on its own thread and event loop, so Serve's loop never sits in the data path."""
+
+    def __init__(self, host: str, port: int, expected_models: list[str]):
+        self.table = RouteTable(expected_models)
+        self.router = Router(self.table)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stopped = threading.Event()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            try:
+                await self.router.start(host, port)
+            except OSError as exc:
+                failure.append(exc)
+                return
+            finally:
+                started.set()
+            while not self.stopped.is_set():
+                await asyncio.sleep(1.0)
+                self.table.expire(EXPIRY_SECONDS)
+            await self.router.stop()
+
+        self.thread = threading.Thread(target=run, args=(main(),), name="raylm-router", daemon=True)
+        self.thread.start()
+        started.wait()
+        if failure:
+            raise RuntimeError(f"the router cannot listen on {host}:{port}: {failure[0]}")
+        logger.info("raylm router listening on http://%s:%d", host, port)
+
+    def _on_loop(self, function, *args) -> Any:
+        future = asyncio.run_coroutine_threadsafe(_call(function, *args), self.loop)
+        return future.result(timeout=10)
+
+    def register(self, model: str, url: str, replica_id: str, card: dict | None) -> None:
+        self._on_loop(self.table.register, model, url, replica_id, card)
+
+    def deregister(self, replica_id: str) -> None:
+        self._on_loop(self.table.deregister, replica_id)
+
+    def routes(self) -> dict[str, list[str]]:
+        """Model name to the engine URLs serving it, as the router sees them now."""
+        return self._on_loop(lambda: {m: [u.url for u in ups] for m, ups in self.table.upstreams.items()})
+
+    def check_health(self) -> None:
+        if not self.thread.is_alive():
+            raise RuntimeError("the router thread has stopped")
+
+    def __del__(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+
+async def _call(function, *args):
+    return function(*args)
+
+
+class ModelReplica:
+    """One replica of one model: the engine's server plus its registration with the router."""
+
+    async def __init__(self, deployment: ModelDeployment, engine_class: type[Engine], router_app: str):
+        import ray
+
+        self.deployment = deployment
+        self.engine = engine_class(deployment)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.router = serve.get_deployment_handle("RouterReplica", app_name=router_app)
+        started = time.monotonic()
+        self.url = await self.engine.start(ray.util.get_node_ip_address())
+        logger.info("model %s: engine ready at %s after %.1fs", deployment.name, self.url, time.monotonic() - started)
+        self.card = await asyncio.to_thread(_model_card, self.url, deployment.name)
+        await self._register()
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _register(self) -> None:
+        await self.router.register.remote(self.deployment.name, self.url, self.replica_id, self.card)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self._register()
+            except Exception as exc:  # the router restarts: keep trying, it relearns us on the next beat
+                logger.warning("model %s: heartbeat to the router failed: %s", self.deployment.name, exc)
+
+    def address(self) -> str:
+        return self.url
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        heartbeat = getattr(self, "heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.cancel()
+            try:
+                await asyncio.wait_for(self.router.deregister.remote(self.replica_id), timeout=5)
+            except Exception as exc:  # the router may already be gone
+                logger.info("model %s: could not deregister: %s", self.deployment.name, exc)
+        await self.engine.stop()
+
+
+def _model_card(url: str, name: str) -> dict | None:
+    """The engine's own `/v1/models` entry for this model (carries e.g. max_model_len)."""
+    try:
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+            cards = json.load(response).get("data", [])
+    except (OSError, ValueError):
+        return None
+    return next((c for c in cards if c.get("id") == name), None)

@@ -1,0 +1,47 @@
+"""Records of what raylm started, so `raylm status` and `raylm stop` find it from any shell.
+
+They live under `$RAYLM_HOME` (default `~/.raylm`), one JSON file per record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def raylm_home() -> Path:
+    return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm")
+
+
+class Records:
+    """JSON records of one kind (e.g. "deployments"), keyed by name."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    @property
+    def folder(self) -> Path:
+        return raylm_home() / self.kind
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.json"
+
+    def save(self, name: str, record: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temporary = self.path(name).with_suffix(".tmp")
+        temporary.write_text(json.dumps(record, indent=2))
+        temporary.replace(self.path(name))  # atomic: a reader never sees half a record
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path(name).read_text())
+        except FileNotFoundError:
+            return None
+
+    def names(self) -> list[str]:
+        return sorted(p.stem for p in self.folder.glob("*.json")) if self.folder.exists() else []
+
+    def delete(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)

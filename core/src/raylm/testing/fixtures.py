@@ -1,0 +1,83 @@
+"""pytest fixtures for raylm and its plugins: `pytest_plugins = ["raylm.testing.fixtures"]`.
+
+None of them touches global state: each registry is new, distributions made by
+`make_distribution` leave `sys.path` and `sys.modules` as they were, and
+`raylm_home` points raylm's records at a temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from raylm.plugins import ENTRY_POINT_GROUP, Registry
+
+
+@pytest.fixture
+def raylm_registry() -> Registry:
+    """An empty registry: add plugin objects with `registry.add_plugin(module, name=...)`."""
+    return Registry()
+
+
+@pytest.fixture
+def installed_registry() -> Registry:
+    """A new registry of the plugins installed in this environment, loaded strictly."""
+    registry = Registry(strict=True)
+    registry.load_entry_points()
+    return registry
+
+
+@pytest.fixture
+def raylm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private RAYLM_HOME, so deployment and cluster records of a test stay apart."""
+    home = tmp_path / "raylm-home"
+    monkeypatch.setenv("RAYLM_HOME", str(home))
+    return home
+
+
+MakeDistribution = Callable[..., Path]
+
+
+@pytest.fixture
+def make_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeDistribution]:
+    """Make an installed-looking distribution (a `.dist-info` with entry points) on `sys.path`.
+
+        make_distribution("raylm-foo", module="raylm_foo_plugin", source="...hook implementations...")
+
+    Its entry point `foo` in group `raylm` targets `module`; the distribution is
+    visible to `importlib.metadata` exactly like a pip-installed one.
+    `make_distribution.load_registry(...)` loads a registry of only the distributions made.
+    """
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    made_modules: list[str] = []
+
+    def make(name: str, *, module: str, source: str, version: str = "1.0", entry_point: str | None = None) -> Path:
+        entry_point = entry_point or name.removeprefix("raylm-")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (dist_info / "entry_points.txt").write_text(f"[raylm]\n{entry_point} = {module}\n")
+        made_modules.append(module)
+        importlib.invalidate_caches()
+        return site
+
+    def load_registry(**kwargs) -> Registry:
+        registry = Registry(**kwargs)
+        made = [d.entry_points.select(group=ENTRY_POINT_GROUP) for d in metadata.distributions(path=[str(site)])]
+        registry.load_entry_points([entry_point for group in made for entry_point in group])
+        return registry
+
+    make.load_registry = load_registry  # type: ignore[attr-defined]
+    yield make
+    for module in made_modules:
+        sys.modules.pop(module, None)
+    importlib.invalidate_caches()

@@ -1,0 +1,34 @@
+"""An example third-party raylm backend: use the Ray cluster named by RAY_ADDRESS."""
+
+import os
+import socket
+
+import raylm
+from raylm.errors import ClusterError
+
+
+class EnvBackend(raylm.Backend):
+    """Connects to the cluster at $RAY_ADDRESS (HOST:PORT); never starts or stops one."""
+
+    def status(self):
+        host, _, port = os.environ.get("RAY_ADDRESS", "").rpartition(":")
+        with socket.socket() as probe:
+            probe.settimeout(2)
+            if not port.isdigit() or probe.connect_ex((host, int(port))) != 0:
+                return None
+        return raylm.ClusterStatus("env", self.cluster_name, f"{host}:{port}", nodes_alive=1, nodes_expected=1)
+
+    def up(self, progress):
+        status = self.status()
+        if status is None:
+            raise ClusterError("no Ray cluster answers at $RAY_ADDRESS: set it to a running cluster's HOST:PORT")
+        progress(f"using the Ray cluster at {status.address}")
+        return status
+
+    def down(self, progress):
+        progress("leaving the cluster running: the env backend never starts one")
+
+
+@raylm.hookimpl
+def raylm_backends():
+    yield raylm.BackendSpec(name="env", description="the Ray cluster at $RAY_ADDRESS", backend_class=EnvBackend)

@@ -1,0 +1,1 @@
+"""raylm's `cai` backend for Cloudera Machine Learning (not implemented yet)."""

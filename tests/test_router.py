@@ -1,0 +1,244 @@
+"""The router on its own, in front of small real HTTP servers that behave like engine servers.
+
+(The end-to-end tests put it in front of real vLLM; here each behaviour is
+pinned down where it is cheap to provoke: slow streams, dead replicas,
+clients that hang up.)
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from raylm.serving.router import Router, RouteTable
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class FakeEngine:
+    """An OpenAI-shaped server that stamps its name on every answer and records what it saw."""
+
+    def __init__(self, name):
+        self.name = name
+        self.port = free_port()
+        self.requests = []
+        self.disconnected = threading.Event()
+        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    async def completions(self, request: Request):
+        body = await request.json()
+        self.requests.append({"body": body, "headers": dict(request.headers)})
+        if body.get("max_tokens") == -1:
+            return JSONResponse({"error": {"message": "max_tokens must be positive", "code": 400}}, status_code=400)
+        if not body.get("stream"):
+            return JSONResponse({"served_by": self.name, "model": body["model"]})
+
+        async def events():
+            try:
+                for index in range(body.get("chunks", 3)):
+                    yield f"data: {json.dumps({'index': index, 'served_by': self.name})}\n\n"
+                    await asyncio.sleep(body.get("delay", 0))
+                yield "data: [DONE]\n\n"
+            except asyncio.CancelledError:
+                self.disconnected.set()
+                raise
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+class RouterThread:
+    def __init__(self, expected_models):
+        self.table = RouteTable(expected_models)
+        self.router = Router(self.table)
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, function, *args):
+        async def run():
+            return function(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.router.start("127.0.0.1", self.port), self.loop).result(5)
+        return self
+
+    def __exit__(self, *exc):
+        asyncio.run_coroutine_threadsafe(self.router.stop(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture
+def engines():
+    with FakeEngine("a1") as a1, FakeEngine("a2") as a2, FakeEngine("b1") as b1:
+        yield {"a1": a1, "a2": a2, "b1": b1}
+
+
+@pytest.fixture
+def router(engines):
+    with RouterThread(["alpha", "beta"]) as router:
+        router.call(router.table.register, "alpha", engines["a1"].url, "a1", {"id": "alpha", "max_model_len": 64})
+        router.call(router.table.register, "alpha", engines["a2"].url, "a2", None)
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        yield router
+
+
+def post(router, payload, **kwargs):
+    return httpx.post(f"{router.url}/v1/completions", json=payload, timeout=10, **kwargs)
+
+
+def test_requests_reach_a_replica_of_the_model_they_name(router):
+    assert post(router, {"model": "beta"}).json() == {"served_by": "b1", "model": "beta"}
+    served = {post(router, {"model": "alpha"}).json()["served_by"] for _ in range(6)}
+    assert served == {"a1", "a2"}, "requests to one model are spread over its replicas"
+
+
+def test_the_request_reaches_the_engine_unchanged(router, engines):
+    payload = {"model": "beta", "prompt": "héllo", "max_tokens": 3, "extra": {"nested": [1, 2]}}
+    post(router, payload, headers={"authorization": "Bearer secret", "x-request-id": "r1"})
+    seen = engines["b1"].requests[-1]
+    assert seen["body"] == payload
+    assert seen["headers"]["authorization"] == "Bearer secret" and seen["headers"]["x-request-id"] == "r1"
+
+
+def test_engine_errors_pass_through_unchanged(router):
+    response = post(router, {"model": "beta", "max_tokens": -1})
+    assert response.status_code == 400
+    assert response.json() == {"error": {"message": "max_tokens must be positive", "code": 400}}
+
+
+def test_streamed_chunks_arrive_as_the_engine_writes_them(router):
+    started = time.monotonic()
+    arrivals, events = [], []
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{router.url}/v1/completions", json={"model": "beta", "stream": True, "chunks": 3, "delay": 0.4}
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic() - started)
+                events.append(line[6:])
+    assert events[-1] == "[DONE]" and [json.loads(e)["index"] for e in events[:-1]] == [0, 1, 2]
+    assert arrivals[0] < 0.3, f"the first chunk waited {arrivals[0]:.2f}s"
+    assert arrivals[1] - arrivals[0] > 0.3, "chunks must not be held back and sent together"
+
+
+def test_one_connection_carries_many_requests(router):
+    with httpx.Client(timeout=10) as client:
+        for _ in range(20):
+            assert client.post(f"{router.url}/v1/completions", json={"model": "beta"}).status_code == 200
+            with client.stream(
+                "POST", f"{router.url}/v1/completions", json={"model": "alpha", "stream": True}
+            ) as response:
+                assert list(response.iter_lines())[-2] == "data: [DONE]"
+
+
+def test_a_client_that_hangs_up_cancels_the_engine_request(router, engines):
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{router.url}/v1/completions", json={"model": "beta", "stream": True, "chunks": 50, "delay": 0.1}
+        ) as response,
+    ):
+        next(response.iter_lines())
+    assert engines["b1"].disconnected.wait(5), "the engine kept generating for a client that left"
+
+
+@pytest.mark.parametrize(
+    "content, status, message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b'{"prompt": "no model"}', 400, "needs a `model` field"),
+        (b'["a list"]', 400, "needs a `model` field"),
+        (b'{"model": "gamma"}', 404, "The model 'gamma' does not exist. Served models: alpha, beta."),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(router, content, status, message):
+    response = httpx.post(f"{router.url}/v1/completions", content=content, timeout=10)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_has_openais_code(router):
+    assert post(router, {"model": "gamma"}).json()["error"]["code"] == "model_not_found"
+
+
+def test_routes_and_methods(router):
+    assert httpx.get(f"{router.url}/v1/completions").status_code == 405
+    assert httpx.get(f"{router.url}/nope").json()["error"]["code"] == "unknown_route"
+    assert httpx.get(f"{router.url}/health").json() == {"status": "ok"}
+    models = httpx.get(f"{router.url}/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
+    assert models["data"][0]["max_model_len"] == 64 and models["data"][0]["owned_by"] == "raylm"
+    assert httpx.get(f"{router.url}/v1/models/beta").json()["id"] == "beta"
+    assert httpx.get(f"{router.url}/v1/models/gamma").status_code == 404
+
+
+def test_readiness_waits_for_every_expected_model(engines):
+    with RouterThread(["alpha", "beta"]) as router:
+        response = httpx.get(f"{router.url}/ready")
+        assert response.status_code == 503 and response.json()["pending_models"] == ["alpha", "beta"]
+        assert post(router, {"model": "alpha"}).json()["error"]["code"] == "model_starting"
+        router.call(router.table.register, "alpha", engines["a1"].url, "a1", None)
+        assert httpx.get(f"{router.url}/ready").json()["pending_models"] == ["beta"]
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        assert httpx.get(f"{router.url}/ready").status_code == 200
+
+
+def test_an_unreachable_replica_is_dropped_and_another_serves(router, engines):
+    router.call(router.table.register, "beta", f"http://127.0.0.1:{free_port()}", "dead", None)
+    served = [post(router, {"model": "beta"}).json()["served_by"] for _ in range(4)]
+    assert served == ["b1"] * 4
+    assert [u.replica_id for u in router.table.upstreams["beta"]] == ["b1"]
+
+
+def test_no_reachable_replica_is_a_503(router):
+    router.call(router.table.deregister, "b1")
+    router.call(router.table.register, "beta", f"http://127.0.0.1:{free_port()}", "dead", None)
+    response = post(router, {"model": "beta"})
+    assert (
+        response.status_code == 503 and "no replica of model 'beta' is reachable" in response.json()["error"]["message"]
+    )
+
+
+def test_silent_replicas_expire(router):
+    router.call(router.table.expire, -1.0)
+    assert post(router, {"model": "beta"}).json()["error"]["code"] == "model_starting"
