@@ -208,6 +208,7 @@ def test_routes_and_methods(router):
     models = httpx.get(f"{router.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["alpha", "beta"]
     assert models["data"][0]["max_model_len"] == 64 and models["data"][0]["owned_by"] == "raylm"
+    assert [m["replicas"] for m in models["data"]] == [2, 1]
     assert httpx.get(f"{router.url}/v1/models/beta").json()["id"] == "beta"
     assert httpx.get(f"{router.url}/v1/models/gamma").status_code == 404
 

@@ -72,13 +72,14 @@ def _app_name(deployment: str, part: str) -> str:
     return f"raylm-{deployment}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", part)
 
 
-def _prepare_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
+def _prepare_engines(plan: ServePlan, registry: Registry, progress: Progress) -> list[Engine]:
     """Resolve, construct and validate every model's engine, before anything starts."""
     engines = []
     for model in plan.models:
         spec = registry.engine(model.engine)
         check_model_path(model.model)
         engines.append(spec.engine_class(model))
+    progress(f"checking the engine arguments of {', '.join(m.name for m in plan.models)}")
     # Engine checks may run the engine's own parser in a child process: run them side by side.
     with ThreadPoolExecutor(max_workers=len(engines)) as pool:
         for future in [pool.submit(engine.validate) for engine in engines]:
@@ -104,8 +105,7 @@ def serve(
     backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
     if backend.head_is_local:
         check_port_free(plan.host, plan.port)
-    progress(f"checking {len(plan.models)} model(s): {', '.join(m.name for m in plan.models)}")
-    engines = _prepare_engines(plan, registry)
+    engines = _prepare_engines(plan, registry, progress)
     owns_cluster = backend.status() is None
     cluster = backend.up(progress)
     apps = [_app_name(plan.name, "router")] + [_app_name(plan.name, m.name) for m in plan.models]
@@ -155,6 +155,7 @@ def _connect(address: str) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what happens
 
 
 def _deploy(
@@ -298,12 +299,20 @@ def _delete_apps(record: dict[str, Any], progress: Progress) -> None:
     from ray import serve
 
     _connect(record["address"])
+    router_app, model_apps = record["apps"][0], record["apps"][1:]
     try:
-        running = serve.status().applications
-        for app in reversed(record["apps"]):  # models first, so they can deregister from the router
-            if app in running:
-                progress(f"deleting {app}")
-                serve.delete(app)
+        # Models first and together (each replica stops its engine), so they can deregister from the router.
+        for apps in (model_apps, [router_app]):
+            present = [app for app in apps if app in serve.status().applications]
+            if present:
+                progress(f"deleting {', '.join(present)}")
+            for app in present:
+                serve.delete(app, _blocking=False)
+            deadline = time.monotonic() + 120
+            while any(app in serve.status().applications for app in present):
+                if time.monotonic() > deadline:
+                    raise DeploymentError(f"Ray Serve did not delete {', '.join(present)} within 120s")
+                time.sleep(0.5)
     finally:
         ray.shutdown()
 

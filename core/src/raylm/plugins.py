@@ -217,7 +217,8 @@ class Registry:
         if name not in table:
             installed = ", ".join(sorted(table)) or "none"
             message = f"unknown {kind} {name!r}; installed {kind}s: {installed}. To add it: pip install raylm-{name}"
-            broken = [r.name for r in self.plugins.values() if r.status == "failed"]
+            # Only plugins that registered nothing can be hiding the name.
+            broken = [r.name for r in self.plugins.values() if r.status == "failed" and not (r.engines or r.backends)]
             if broken:
                 message += f" (plugins that failed to load: {', '.join(broken)}; see `raylm plugins`)"
             raise UnknownNameError(message)

@@ -151,7 +151,7 @@ class RouteTable:
         for name in self.model_names():
             card = dict(self.cards.get(name) or {"id": name, "object": "model", "created": 0})
             card["owned_by"] = "raylm"
-            card["ready"] = bool(self.upstreams.get(name))
+            card["replicas"] = len(self.upstreams.get(name, ()))  # raylm's addition: replicas routed to now
             data.append(card)
         return {"object": "list", "data": data}
 

@@ -26,6 +26,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def ray_temp_dir(home: Path, cluster: str) -> Path:
+    """Ray's folder for a cluster: short (Unix socket paths stop at ~107 bytes) and apart per RAYLM_HOME."""
+    home_key = hashlib.sha1(str(home.resolve()).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"raylm-{home_key}" / cluster
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(1)
@@ -58,7 +64,7 @@ class LocalBackend(Backend):
     def _start(self, progress: Progress) -> ClusterStatus:
         num_cpus = self.options.get("num_cpus") or max(8, os.cpu_count() or 1)
         gcs_port = free_port()
-        temp_dir = self._temp_dir()
+        temp_dir = self.ray_temp_dir
         log_path = raylm_home() / "logs" / f"ray-{self.cluster_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
@@ -89,7 +95,13 @@ class LocalBackend(Backend):
         with open(log_path, "wb") as log:
             # A session of its own: Ctrl-C in the user's terminal does not reach Ray, `down` does.
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                # Ray runs workers at nice 15 by default; here the replicas' engines are the point of the machine.
+                env={**os.environ, "RAY_worker_niceness": "0"},
             )
         address = f"127.0.0.1:{gcs_port}"
         CLUSTERS.save(
@@ -112,10 +124,9 @@ class LocalBackend(Backend):
         progress(f"local Ray head running at {address}")
         return self._status(address)
 
-    def _temp_dir(self) -> Path:
-        # Unix socket paths are limited to ~107 bytes: keep Ray's folder short, and apart per RAYLM_HOME.
-        home_key = hashlib.sha1(str(raylm_home().resolve()).encode()).hexdigest()[:8]
-        return Path("/tmp") / f"raylm-{home_key}" / self.cluster_name
+    @property
+    def ray_temp_dir(self) -> Path:
+        return ray_temp_dir(raylm_home(), self.cluster_name)
 
     def _status(self, address: str) -> ClusterStatus:
         return ClusterStatus(backend="local", name=self.cluster_name, address=address, nodes_alive=1, nodes_expected=1)

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from raylm.engine import Engine, ReplicaResources
+from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.errors import ConfigError
 from raylm.server_process import ServerProcess, free_port, http_ok
 
@@ -34,14 +34,16 @@ class VLLMEngine(Engine):
     def python(self) -> str:
         return self.deployment.python or sys.executable
 
-    def validate(self) -> None:
-        for token in self.deployment.engine_args:
+    def __init__(self, deployment: ModelDeployment):
+        super().__init__(deployment)
+        for token in deployment.engine_args:
             option = token.split("=", 1)[0]
             if option in RESERVED_OPTIONS:
                 raise ConfigError(
-                    f"model {self.deployment.name!r}: raylm sets {option} itself; "
-                    f"use {RESERVED_OPTIONS[option]} instead"
+                    f"model {deployment.name!r}: raylm sets {option} itself; use {RESERVED_OPTIONS[option]} instead"
                 )
+
+    def validate(self) -> None:
         command = [self.python, "-m", "raylm_vllm.validate", self.deployment.model, *self.deployment.engine_args]
         env = {**os.environ, **self.deployment.env}
         try:

@@ -1,0 +1,227 @@
+"""raylm end to end: real Ray, real vLLM on CPU, the official OpenAI client.
+
+One deployment is shared by the module (engine starts take minutes here):
+`raylm serve -f --detach` with a tiny Llama (2 replicas) and MiniLM behind one
+endpoint; the module ends with `raylm stop`, which must leave nothing running.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from raylm.testing.processes import processes_matching
+from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
+
+pytestmark = pytest.mark.engine
+
+RAYLM = str(Path(sys.executable).parent / "raylm")
+TINY_ARGS = {"max_model_len": 512, "dtype": "float32", "kv_cache_memory_bytes": 128 * 2**20}
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def raylm(*args, env, timeout=900):
+    return subprocess.run(
+        [RAYLM, *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def assert_port_free(port):
+    """A new server can listen on the port (connections in TIME_WAIT do not stop that)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", port))
+        probe.listen()
+
+
+def leftovers(ray_temp_dir, *served_names):
+    """Processes of this deployment still alive: Ray's (by its temp dir) and the engines (by served name)."""
+    found = processes_matching(str(ray_temp_dir))
+    for name in served_names:
+        found += processes_matching("vllm.entrypoints", f"--served-model-name {name} ")
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, tiny_model, minilm_model):
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    port = free_port()
+    plan = home / "deploy.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e2e",
+                "server": {"port": port},
+                "models": [
+                    {"model": str(tiny_model), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_ARGS},
+                    {
+                        "model": str(minilm_model),
+                        "name": "minilm-e2e",
+                        "engine_args": {"kv_cache_memory_bytes": 64 * 2**20},
+                    },
+                ],
+            }
+        )
+    )
+    started = raylm("serve", "-f", str(plan), "--detach", env=env)
+    assert started.returncode == 0, started.stderr
+    assert started.stdout.strip() == f"http://127.0.0.1:{port}/v1"
+    ray_temp_dir = local_ray_temp_dir(home, "e2e")
+    yield {
+        "url": f"http://127.0.0.1:{port}",
+        "port": port,
+        "env": env,
+        "ray_temp_dir": ray_temp_dir,
+        "progress": started.stderr,
+    }
+
+    stopped = raylm("stop", "e2e", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert leftovers(ray_temp_dir, "tiny-e2e", "minilm-e2e") == []
+    assert_port_free(port)
+    assert raylm("status", env=env).stdout.strip() == "no deployments running"
+
+
+@pytest.fixture(scope="module")
+def client(deployment):
+    return openai.OpenAI(base_url=f"{deployment['url']}/v1", api_key="unused", max_retries=0)
+
+
+def test_progress_was_shown_while_starting(deployment):
+    lines = deployment["progress"].splitlines()
+    assert any("starting a local Ray head" in line for line in lines)
+    assert any(line.startswith("raylm: tiny-e2e: running") for line in lines)
+    assert not any("INFO" in line or "Traceback" in line for line in lines)
+
+
+def test_models_are_listed(client):
+    models = {m.id: m for m in client.models.list()}
+    assert sorted(models) == ["minilm-e2e", "tiny-e2e"]
+    assert models["tiny-e2e"].owned_by == "raylm"
+    assert models["tiny-e2e"].model_extra["max_model_len"] == 512
+    assert models["tiny-e2e"].model_extra["replicas"] == 2
+
+
+def test_completion(client):
+    response = client.completions.create(model="tiny-e2e", prompt="Hello world", max_tokens=8, temperature=0)
+    assert response.model == "tiny-e2e"
+    assert response.usage.completion_tokens == 8 and response.usage.prompt_tokens > 0
+    # (Random weights: 8 tokens may not even decode to one whole character, so the text may be empty.)
+    assert response.choices[0].finish_reason == "length"
+
+
+def test_streamed_completion_delivers_every_chunk_and_done(deployment, client):
+    streamed = list(
+        client.completions.create(
+            model="tiny-e2e",
+            prompt="Hello world",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(chunk.choices[0].text for chunk in streamed if chunk.choices)
+    assert streamed[-1].usage.completion_tokens == 16
+    whole = client.completions.create(model="tiny-e2e", prompt="Hello world", max_tokens=16, temperature=0)
+    assert text == whole.choices[0].text, "the stream must carry exactly the tokens a plain request returns"
+    with httpx.stream(
+        "POST",
+        f"{deployment['url']}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 5, "stream": True},
+    ) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert sum(1 for event in events[:-1] if json.loads(event)["choices"][0]["text"]) >= 1
+
+
+def test_chat_completion_plain_and_streamed(client):
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model="tiny-e2e", messages=messages, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens == 6
+    chunks = list(
+        client.chat.completions.create(model="tiny-e2e", messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+
+
+def test_embeddings_are_meaningful(client):
+    sentences = ["a cat sits on the mat", "a kitten rests on a rug", "the stock market fell sharply"]
+    vectors = [d.embedding for d in client.embeddings.create(model="minilm-e2e", input=sentences).data]
+
+    def cosine(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    assert len(vectors[0]) == 384
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+
+
+def test_concurrent_streams_all_complete(client):
+    def stream(index):
+        chunks = client.completions.create(
+            model="tiny-e2e",
+            prompt=f"Request {index}",
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        return list(chunks)[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(16) as pool:
+        assert list(pool.map(stream, range(32))) == [12] * 32
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, status, fragment",
+    [
+        ({"model": "no-such-model", "prompt": "x"}, 404, "does not exist"),
+        ({"model": "tiny-e2e", "prompt": "x", "max_tokens": 100000}, 400, "max_model_len"),
+        ({"model": "tiny-e2e", "prompt": "hello " * 600, "max_tokens": 4}, 400, "maximum context length"),
+        ({"model": "tiny-e2e", "prompt": "x", "temperature": "hot"}, 400, "temperature"),
+    ],
+)
+def test_errors_are_openai_shaped(client, request_kwargs, status, fragment):
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(**request_kwargs)
+    assert raised.value.status_code == status
+    assert fragment in raised.value.body["message"]
+
+
+def test_malformed_json_is_a_400(deployment):
+    response = httpx.post(
+        f"{deployment['url']}/v1/chat/completions",
+        content=b'{"model": "tiny-e2e",',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_health_readiness_and_status(deployment):
+    assert httpx.get(f"{deployment['url']}/health").status_code == 200
+    ready = httpx.get(f"{deployment['url']}/ready")
+    assert ready.status_code == 200 and sorted(ready.json()["models"]) == ["minilm-e2e", "tiny-e2e"]
+    status = raylm("status", "--json", env=deployment["env"])
+    (record,) = json.loads(status.stdout)
+    assert record["name"] == "e2e" and record["ready"] and record["models"] == ["tiny-e2e", "minilm-e2e"]
+
+
+def test_serving_the_same_name_again_is_refused(deployment, tiny_model):
+    again = raylm("serve", str(tiny_model), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
+    assert again.returncode == 1
+    assert "a deployment named 'e2e' already runs" in again.stderr.strip().splitlines()[-1]
