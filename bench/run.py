@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,10 +32,76 @@ from loadgen import Connection, median, run_load  # noqa: E402
 from raylm.testing.models import build_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-ENGINE_ARGS = ["--max-model-len", "512", "--dtype", "float32", "--kv-cache-memory-bytes", str(256 * 2**20)]
 MODEL_NAME = "tiny"
 MAX_TOKENS = 32
 LOADS = {1: 40, 16: 320}  # concurrency: requests
+SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
+# SGLang on a CPU-only machine needs its CPU paths and the test-only stand-ins (see that folder's README).
+SGLANG_CPU_ENV = {
+    "SGLANG_USE_CPU_ENGINE": "1",
+    "PYTHONPATH": str(REPO / "plugins" / "engine_sglang" / "tests" / "support"),
+}
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How to run one engine's own server, and the same model through raylm."""
+
+    python: str
+    server_module: str
+    model_option: str
+    args: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+
+    def own_server(self, model: Path, port: int) -> list[str]:
+        return [
+            self.python,
+            "-m",
+            self.server_module,
+            self.model_option,
+            str(model),
+            "--served-model-name",
+            MODEL_NAME,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *self.args,
+        ]
+
+    def through_raylm(self, engine: str, model: Path, port: int) -> list[str]:
+        command = [
+            str(Path(sys.executable).parent / "raylm"),
+            "serve",
+            str(model),
+            "--name",
+            MODEL_NAME,
+            "--port",
+            str(port),
+            "--engine",
+            engine,
+            "--python",
+            self.python,
+        ]
+        command += [f"--env={key}={value}" for key, value in self.env.items()]
+        return [*command, *self.args]
+
+
+ENGINES = {
+    "vllm": EngineSetup(
+        sys.executable,
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        ("--max-model-len", "512", "--dtype", "float32", "--kv-cache-memory-bytes", str(256 * 2**20)),
+    ),
+    "sglang": EngineSetup(
+        str(SGLANG_PYTHON),
+        "sglang.launch_server",
+        "--model-path",
+        ("--device", "cpu", "--max-total-tokens", "4096", "--dtype", "float32"),
+        SGLANG_CPU_ENV,
+    ),
+}
 
 
 def free_port() -> int:
@@ -59,37 +127,10 @@ async def first_token(port: int, timeout_s: float = 1200) -> None:
     raise TimeoutError("no first token")
 
 
-def start_vllm(model: Path, port: int, log) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model),
-        "--served-model-name",
-        MODEL_NAME,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *ENGINE_ARGS,
-    ]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def start_raylm(model: Path, port: int, log, home: str) -> subprocess.Popen:
-    command = [
-        str(Path(sys.executable).parent / "raylm"),
-        "serve",
-        str(model),
-        "--name",
-        MODEL_NAME,
-        "--port",
-        str(port),
-        *ENGINE_ARGS,
-    ]
-    env = {**os.environ, "RAYLM_HOME": home}
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+def start(command: list[str], log, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **env}
+    )
 
 
 def stop(process: subprocess.Popen, graceful: signal.Signals) -> None:
@@ -103,12 +144,12 @@ def stop(process: subprocess.Popen, graceful: signal.Signals) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # anything left in its session
 
 
-async def measure(name: str, start, graceful: signal.Signals, repeats: int, results: dict) -> None:
+async def measure(name: str, command, env: dict, graceful: signal.Signals, repeats: int, results: dict) -> None:
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"raylm-bench-{name}.log"
     with open(log_path, "wb") as log:
         started = time.monotonic()
-        process = start(port, log)
+        process = start(command(port), log, env)
         try:
             await first_token(port)
             results.setdefault((name, "cold start (s)"), []).append(time.monotonic() - started)
@@ -142,47 +183,57 @@ def machine() -> str:
     )
 
 
+def report(engine: str, medians: dict) -> None:
+    own, ours = engine, f"raylm+{engine}"
+    print(f"\n{'metric':24} {own:>10} {ours:>13} {'ratio':>7}")
+    for metric in dict.fromkeys(m for n, m in medians if n == own):
+        print(
+            f"{metric:24} {medians[(own, metric)]:10.1f} {medians[(ours, metric)]:13.1f} "
+            f"{medians[(ours, metric)] / medians[(own, metric)]:7.2f}"
+        )
+    checks = [
+        ("req/s at c=16 >= 0.9x", medians[(ours, "c=16 req/s")] >= 0.9 * medians[(own, "c=16 req/s")]),
+        ("TTFT p50 at c=1 <= +10 ms", medians[(ours, "c=1 TTFT p50 (ms)")] <= medians[(own, "c=1 TTFT p50 (ms)")] + 10),
+        ("cold start <= +30 s", medians[(ours, "cold start (s)")] <= medians[(own, "cold start (s)")] + 30),
+    ]
+    print(
+        "targets against " + engine + ": " + ", ".join(f"{label} {'met' if ok else 'MISSED'}" for label, ok in checks)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", default="vllm,sglang", help="comma-separated: vllm, sglang")
     parser.add_argument("--rounds", type=int, default=2, help="cold starts of each server")
     parser.add_argument("--repeats", type=int, default=3, help="load measurements per cold start")
     parser.add_argument("--json", type=Path, help="also write the medians here")
     args = parser.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    if "sglang" in engines and not SGLANG_PYTHON.exists():
+        sys.exit("no SGLang environment: run scripts/sglang-env, or pass --engines vllm")
     os.environ["HF_HUB_OFFLINE"] = "1"
     model = build_tiny_llama(REPO / ".cache" / "models" / "tiny-llama")
     home = tempfile.mkdtemp(prefix="raylm-bench-")
-    servers = {
-        "vllm": (lambda port, log: start_vllm(model, port, log), signal.SIGTERM),
-        "raylm": (lambda port, log: start_raylm(model, port, log, home), signal.SIGINT),
-    }
     results: dict[tuple[str, str], list[float]] = {}
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
-        for name, (start, graceful) in servers.items():
-            asyncio.run(measure(name, start, graceful, args.repeats, results))
+        for engine in engines:
+            setup = ENGINES[engine]
+            runs = [
+                (engine, partial(setup.own_server, model), setup.env, signal.SIGTERM),
+                (f"raylm+{engine}", partial(setup.through_raylm, engine, model), {"RAYLM_HOME": home}, signal.SIGINT),
+            ]
+            for name, command, env, graceful in runs:
+                asyncio.run(measure(name, command, env, graceful, args.repeats, results))
 
-    metrics = list(dict.fromkeys(metric for _, metric in results))
-    medians = {(name, metric): median(values) for (name, metric), values in results.items()}
+    medians = {key: median(values) for key, values in results.items()}
     print(f"\nmachine: {machine()}")
     print(
         f"model: tiny Llama (2 layers, hidden 128), streaming completions of {MAX_TOKENS} tokens; "
-        f"{args.rounds} cold starts x {args.repeats} load runs per server; medians\n"
+        f"{args.rounds} cold starts x {args.repeats} load runs per server; medians"
     )
-    print(f"{'metric':24} {'vllm':>10} {'raylm':>10} {'raylm/vllm':>11}")
-    for metric in metrics:
-        ours, theirs = medians[("raylm", metric)], medians[("vllm", metric)]
-        print(f"{metric:24} {theirs:10.1f} {ours:10.1f} {ours / theirs:11.2f}")
-    checks = [
-        ("req/s at c=16 >= 0.9x vLLM", medians[("raylm", "c=16 req/s")] >= 0.9 * medians[("vllm", "c=16 req/s")]),
-        (
-            "TTFT p50 at c=1 <= vLLM + 10 ms",
-            medians[("raylm", "c=1 TTFT p50 (ms)")] <= medians[("vllm", "c=1 TTFT p50 (ms)")] + 10,
-        ),
-        ("cold start <= vLLM + 30 s", medians[("raylm", "cold start (s)")] <= medians[("vllm", "cold start (s)")] + 30),
-    ]
-    print()
-    for label, ok in checks:
-        print(f"{'met ' if ok else 'MISSED'} {label}")
+    for engine in engines:
+        report(engine, medians)
     if args.json:
         args.json.write_text(json.dumps({f"{n} {m}": v for (n, m), v in medians.items()}, indent=2))
 

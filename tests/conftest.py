@@ -3,8 +3,6 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["raylm.testing.fixtures"]
-
 REPO = Path(__file__).resolve().parent.parent
 
 

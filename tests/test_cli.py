@@ -33,7 +33,8 @@ def test_plugins_table_shows_every_plugin_and_its_status():
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert rows["raylm-local"].endswith("ok") and "backend local" in rows["raylm-local"]
     assert rows["raylm-vllm"].endswith("ok") and "engine vllm" in rows["raylm-vllm"]
-    assert "failed: engine 'sglang': not implemented yet" in rows["raylm-sglang"]
+    # SGLang runs from an environment of its own, so here its runtime is missing:
+    assert rows["raylm-sglang"].endswith("missing sglang (pip install 'raylm-sglang[sglang]')")
     assert "failed: backend 'cai': not implemented yet" in rows["raylm-cai"]
 
 
@@ -71,9 +72,16 @@ def test_unknown_backend(tiny_model, tmp_home):
     assert_one_line_error(code, err, "unknown backend 'nope'", "installed backends: cai, env, local")
 
 
-def test_unavailable_engine(tiny_model, tmp_home):
+def test_unavailable_backend(tiny_model, tmp_home):
+    code, _, err, _ = run_raylm("serve", str(tiny_model), "--backend", "cai", env=tmp_home)
+    assert_one_line_error(code, err, "backend 'cai' from raylm-cai cannot be used: not implemented yet")
+
+
+def test_engine_not_installed_here(tiny_model, tmp_home):
     code, _, err, _ = run_raylm("serve", str(tiny_model), "--engine", "sglang", env=tmp_home)
-    assert_one_line_error(code, err, "engine 'sglang' from raylm-sglang cannot be used: not implemented yet")
+    assert_one_line_error(
+        code, err, "engine 'sglang' needs the Python module 'sglang', which is not installed", "raylm-sglang[sglang]"
+    )
 
 
 def test_engine_runtime_not_installed(tiny_model, tmp_home, make_distribution):
@@ -150,3 +158,10 @@ def test_unknown_backend_option_in_a_deployment_file(tiny_model, tmp_path, tmp_h
     assert_one_line_error(
         code, err, "backend 'local' has no option 'workers'; its options: address, num_cpus, num_gpus"
     )
+
+
+def test_a_backend_option_of_the_wrong_type(tiny_model, tmp_path, tmp_home):
+    plan = tmp_path / "deploy.yaml"
+    plan.write_text(f"cluster:\n  num_cpus: many\nmodels:\n  - model: {tiny_model}\n")
+    code, _, err, _ = run_raylm("serve", "-f", str(plan), env=tmp_home)
+    assert_one_line_error(code, err, "backend 'local': option 'num_cpus' expects int, got 'many'")

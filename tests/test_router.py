@@ -17,7 +17,7 @@ import uvicorn
 from raylm.serving.router import Router, RouteTable
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 
@@ -48,6 +48,11 @@ class FakeEngine:
         self.requests.append({"body": body, "headers": dict(request.headers)})
         if body.get("max_tokens") == -1:
             return JSONResponse({"error": {"message": "max_tokens must be positive", "code": 400}}, status_code=400)
+        if body.get("max_tokens") == -2:  # SGLang's (and old vLLM's) error shape
+            error = {"object": "error", "message": "bad max_tokens", "type": "BadRequestError", "param": None}
+            return JSONResponse({**error, "code": 400}, status_code=400)
+        if body.get("max_tokens") == -3:
+            return PlainTextResponse("Internal Server Error", status_code=500)
         if not body.get("stream"):
             return JSONResponse({"served_by": self.name, "model": body["model"]})
 
@@ -140,6 +145,18 @@ def test_engine_errors_pass_through_unchanged(router):
     response = post(router, {"model": "beta", "max_tokens": -1})
     assert response.status_code == 400
     assert response.json() == {"error": {"message": "max_tokens must be positive", "code": 400}}
+
+
+def test_other_engine_error_shapes_are_put_in_openais(router):
+    response = post(router, {"model": "beta", "max_tokens": -2})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {"message": "bad max_tokens", "type": "invalid_request_error", "param": None, "code": 400}
+    }
+    response = post(router, {"model": "beta", "max_tokens": -3})
+    assert response.status_code == 500
+    assert response.json()["error"]["message"] == "Internal Server Error"
+    assert post(router, {"model": "beta"}).status_code == 200, "the connection stays usable after an error"
 
 
 def test_streamed_chunks_arrive_as_the_engine_writes_them(router):

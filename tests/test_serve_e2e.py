@@ -8,51 +8,16 @@ endpoint; the module ends with `raylm stop`, which must leave nothing running.
 import json
 import math
 import os
-import socket
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import yaml
-from raylm.testing.processes import processes_matching
 from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
+from servetools import TINY_ARGS, assert_port_free, free_port, leftovers, raylm
 
 pytestmark = pytest.mark.engine
-
-RAYLM = str(Path(sys.executable).parent / "raylm")
-TINY_ARGS = {"max_model_len": 512, "dtype": "float32", "kv_cache_memory_bytes": 128 * 2**20}
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def raylm(*args, env, timeout=900):
-    return subprocess.run(
-        [RAYLM, *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
-    )
-
-
-def assert_port_free(port):
-    """A new server can listen on the port (connections in TIME_WAIT do not stop that)."""
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind(("127.0.0.1", port))
-        probe.listen()
-
-
-def leftovers(ray_temp_dir, *served_names):
-    """Processes of this deployment still alive: Ray's (by its temp dir) and the engines (by served name)."""
-    found = processes_matching(str(ray_temp_dir))
-    for name in served_names:
-        found += processes_matching("vllm.entrypoints", f"--served-model-name {name} ")
-    return found
 
 
 @pytest.fixture(scope="module")

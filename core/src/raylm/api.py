@@ -9,12 +9,13 @@ raylm.stop(deployment.name)             # or: with raylm.serve(plan): ...
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from raylm.backend import Backend, ClusterStatus, Progress
@@ -64,7 +65,11 @@ def make_backend(name: str | None, options: Mapping[str, Any], registry: Registr
             allowed = ", ".join(sorted(declared)) or "none"
             raise ConfigError(f"backend {spec.name!r} has no option {key!r}; its options: {allowed}")
         elif value is not None:
-            values[key] = declared[key].type(value)
+            try:
+                values[key] = declared[key].type(value)
+            except (TypeError, ValueError):
+                kind = declared[key].type.__name__
+                raise ConfigError(f"backend {spec.name!r}: option {key!r} expects {kind}, got {value!r}") from None
     return spec.backend_class(values)
 
 
@@ -76,8 +81,11 @@ def _prepare_engines(plan: ServePlan, registry: Registry, progress: Progress) ->
     """Resolve, construct and validate every model's engine, before anything starts."""
     engines = []
     for model in plan.models:
-        spec = registry.engine(model.engine)
+        # An engine in its own environment (`python`) is checked there, by its validate().
+        spec = registry.engine(model.engine, runtime_here=model.python is None)
         check_model_path(model.model)
+        if os.path.exists(model.model):  # replicas do not run in this folder
+            model = replace(model, model=os.path.abspath(model.model))
         engines.append(spec.engine_class(model))
     progress(f"checking the engine arguments of {', '.join(m.name for m in plan.models)}")
     # Engine checks may run the engine's own parser in a child process: run them side by side.
@@ -107,7 +115,12 @@ def serve(
         check_port_free(plan.host, plan.port)
     engines = _prepare_engines(plan, registry, progress)
     owns_cluster = backend.status() is None
-    cluster = backend.up(progress)
+    try:
+        cluster = backend.up(progress)
+    except BaseException:  # e.g. Ctrl-C while the head starts: stop what was started
+        if owns_cluster:
+            backend.down(progress)
+        raise
     apps = [_app_name(plan.name, "router")] + [_app_name(plan.name, m.name) for m in plan.models]
     record = {
         "name": plan.name,
@@ -126,8 +139,9 @@ def serve(
     DEPLOYMENTS.save(plan.name, record)
     try:
         _deploy(plan, engines, cluster, apps, progress, ready_timeout_s)
-    except BaseException:
-        progress("start failed; cleaning up what was started")
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
         stop(plan.name, progress=progress)
         raise
     progress(f"serving {', '.join(record['models'])} at {plan.url}/v1")

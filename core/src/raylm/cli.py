@@ -80,6 +80,9 @@ def _deployment_name(model_name: str) -> str:
 @click.option("--port", default=8000, show_default=True, type=int, help="Port of the OpenAI endpoint.")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas of the model.")
 @click.option("--python", "python_path", help="Python interpreter of a venv holding the engine, for its replicas.")
+@click.option(
+    "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
+)
 @click.option("--detach", is_flag=True, help="Return once serving; stop later with `raylm stop NAME`.")
 def serve_command(
     model: str | None,
@@ -93,6 +96,7 @@ def serve_command(
     port: int,
     replicas: int,
     python_path: str | None,
+    env_pairs: tuple[str, ...],
     detach: bool,
     **kwargs: Any,
 ) -> None:
@@ -126,7 +130,13 @@ def serve_command(
             raise click.UsageError("name a MODEL to serve, or a deployment file with -f")
         served_name = name or default_model_name(model)
         deployment = ModelDeployment(
-            model=model, name=served_name, engine=engine, engine_args=engine_args, replicas=replicas, python=python_path
+            model=model,
+            name=served_name,
+            engine=engine,
+            engine_args=engine_args,
+            replicas=replicas,
+            python=python_path,
+            env=_parse_env(env_pairs),
         )
         plan = ServePlan(
             models=(deployment,),
@@ -144,6 +154,16 @@ def serve_command(
     echo_progress("press Ctrl-C to stop")
     _wait_for_stop_signal()
     running.stop(progress=echo_progress)
+
+
+def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--env")
+        env[key] = value
+    return env
 
 
 def _wait_for_stop_signal() -> None:

@@ -203,15 +203,18 @@ class Registry:
         """Every registered backend's spec, usable or not (e.g. to offer its options)."""
         return [self._backends[name][0] for name in self.backend_names()]
 
-    def engine(self, name: str) -> EngineSpec:
-        """The usable engine called `name`, or a RaylmError that says how to get it."""
-        return self._lookup("engine", name, self._engines)
+    def engine(self, name: str, *, runtime_here: bool = True) -> EngineSpec:
+        """The usable engine called `name`, or a RaylmError that says how to get it.
+
+        `runtime_here=False` skips the runtime check, for engines that run in another environment.
+        """
+        return self._lookup("engine", name, self._engines, runtime_here)
 
     def backend(self, name: str) -> BackendSpec:
         """The usable backend called `name`, or a RaylmError that says how to get it."""
         return self._lookup("backend", name, self._backends)
 
-    def _lookup(self, kind: str, name: str, table: dict) -> Any:
+    def _lookup(self, kind: str, name: str, table: dict, runtime_here: bool = True) -> Any:
         if (kind, name) in self._conflicts:
             raise PluginError(self._conflicts[(kind, name)])
         if name not in table:
@@ -225,7 +228,7 @@ class Registry:
         spec, record = table[name]
         if spec.unavailable_reason:
             raise PluginError(f"{kind} {name!r} from {record.name} cannot be used: {spec.unavailable_reason}")
-        if (requirement := spec.missing()) is not None:
+        if runtime_here and (requirement := spec.missing()) is not None:
             raise RuntimeMissingError(
                 f"{kind} {name!r} needs the Python module {requirement.module!r}, which is not installed: "
                 f"{requirement.install}"

@@ -1,37 +1,57 @@
-"""Helpers for engines that run their own HTTP server as a child process of the replica.
+"""Engines that run their own HTTP server as a child process of the replica.
 
-`ServerProcess` starts the server in a session of its own (so stopping it stops
-every process it spawned), asks Linux to stop it if the replica dies
-(`PR_SET_PDEATHSIG`), keeps the last lines of its output for error messages,
-and waits until its health URL answers.
+`ServerEngine` is the base class of such engines (vLLM, SGLang). `ServerProcess`
+starts the server in a session of its own (so stopping it stops every process
+it spawned), asks Linux to stop it if the replica dies (`PR_SET_PDEATHSIG`),
+keeps the last lines of its output for error messages, and waits until its
+health URL answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
-from raylm.errors import DeploymentError
+from raylm.engine import Engine, ModelDeployment
+from raylm.errors import ConfigError, DeploymentError
 
 PR_SET_PDEATHSIG = 1
+# Engine server output, one file per start (kept after the server stops, for post-mortems).
+LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
 
 
 def free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+# Ray sets these in every worker from its CPU reservation (OMP_NUM_THREADS=1 for a 1-CPU replica):
+# right for Python tasks, wrong for an engine server that sizes its own threads. A deployment's
+# `env` can still set them.
+RAY_WORKER_DEFAULTS = ("OMP_NUM_THREADS",)
+
+
+def server_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment an engine server gets: the replica's, less Ray's worker defaults, plus `extra`."""
+    inherited = {key: value for key, value in os.environ.items() if key not in RAY_WORKER_DEFAULTS}
+    return {**inherited, **extra}
 
 
 def _die_with_parent() -> None:
@@ -41,40 +61,47 @@ def _die_with_parent() -> None:
 
 
 class ServerProcess:
-    """An engine's server running as a child process."""
+    """An engine's server running as a child process, its output going straight to a log file.
 
-    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None, tail_lines: int = 40):
+    No pipe: an engine must never wait on a reader to write its (per-request) log lines.
+    """
+
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None):
         self.name = name
         self.command = list(command)
-        self.env = {**os.environ, **(env or {})}
-        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.env = server_environment(env or {})
         self.process: subprocess.Popen | None = None
+        self.log_path: Path | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        threading.Thread(target=self._pump_output, name=f"{self.name}-output", daemon=True).start()
+        LOG_FOLDER.mkdir(parents=True, exist_ok=True)
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        with tempfile.NamedTemporaryFile(dir=LOG_FOLDER, prefix=f"{safe_name}-", suffix=".log", delete=False) as log:
+            self.log_path = Path(log.name)
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        print(f"raylm: {self.name} (pid {self.process.pid}) logs to {self.log_path}", file=sys.stderr, flush=True)
 
-    def _pump_output(self) -> None:
-        # Copy the server's output to the replica's (Ray keeps it in the worker logs) and keep a tail.
-        for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self.tail.append(line)
-            print(f"[{self.name}] {line}", file=sys.stderr, flush=True)
+    def last_lines(self, count: int = 12) -> list[str]:
+        if self.log_path is None:
+            return []
+        with open(self.log_path, "rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
+            lines = log.read().decode(errors="replace").splitlines()
+        return [line for line in lines if line.strip()][-count:]
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
     def failure(self, what: str) -> DeploymentError:
-        lines = [line for line in self.tail if line.strip()][-12:]
-        return DeploymentError(f"{what}; its last output:\n" + "\n".join(lines))
+        return DeploymentError(f"{what}; its last output ({self.log_path}):\n" + "\n".join(self.last_lines()))
 
     async def wait_healthy(self, health_url: str, timeout_s: float) -> None:
         """Return once `health_url` answers 200; raise with the server's last output if it exits first."""
@@ -124,3 +151,90 @@ def http_ok(url: str, timeout_s: float) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+START_TIMEOUT_S = float(os.environ.get("RAYLM_ENGINE_START_TIMEOUT", "1800"))
+CHECK_TIMEOUT_S = 300
+
+
+class ServerEngine(Engine):
+    """An engine whose replicas run the engine's own OpenAI server as a child process.
+
+    Subclasses name the engine, the module that checks arguments with the engine's
+    own parser (run in the engine's Python, so it works for engines in other venvs),
+    the server command, and the resources. The check module takes `MODEL ARGS...`,
+    prints one JSON object and exits 0, or prints `PROG: error: MESSAGE` and exits 2.
+    """
+
+    display_name: ClassVar[str]
+    check_module: ClassVar[str]
+    # Options raylm sets itself, and what the user should use instead.
+    reserved_options: ClassVar[Mapping[str, str]] = {}
+    health_path: ClassVar[str] = "/health"
+
+    checked: dict[str, Any] | None = None
+    server: ServerProcess | None = None
+    url: str | None = None
+
+    def __init__(self, deployment: ModelDeployment):
+        super().__init__(deployment)
+        for token in deployment.engine_args:
+            option = token.split("=", 1)[0]
+            if option in self.reserved_options:
+                raise ConfigError(
+                    f"model {deployment.name!r}: raylm sets {option} itself; "
+                    f"use {self.reserved_options[option]} instead"
+                )
+
+    @property
+    def python(self) -> str:
+        """The interpreter of the engine's environment (the replica runs in it too)."""
+        return self.deployment.python or sys.executable
+
+    @abstractmethod
+    def server_command(self, host: str, port: int) -> list[str]:
+        """The command that serves the model on host:port, started with `self.python`."""
+
+    def validate(self) -> None:
+        command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]
+        env = {**os.environ, **self.deployment.env}
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=env)
+        except FileNotFoundError:
+            raise ConfigError(f"model {self.deployment.name!r}: Python interpreter {self.python} not found") from None
+        if result.returncode != 0:
+            raise ConfigError(f"model {self.deployment.name!r}: {self._complaint(result.stderr)}")
+        self.checked = json.loads(result.stdout.strip().splitlines()[-1])
+
+    def _complaint(self, stderr: str) -> str:
+        """The engine's own message: its parser's error line, else its last line of output."""
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        missing = next((line for line in lines if line.startswith("ModuleNotFoundError: ")), None)
+        if missing:
+            return f"{self.python} cannot import what {self.display_name} needs ({missing}): install it there"
+        for line in reversed(lines):
+            if ": error: " in line:
+                return f"{self.display_name} rejected the arguments: " + line.split(": error: ", 1)[1]
+        return lines[-1] if lines else f"{self.display_name}'s argument check failed without a message"
+
+    async def start(self, host: str) -> str:
+        port = free_port(host)
+        name = f"{self.display_name.lower()}:{self.deployment.name}"
+        self.server = ServerProcess(name, self.server_command(host, port), env=self.deployment.env)
+        self.server.start()
+        self.url = f"http://{host}:{port}"
+        await self.server.wait_healthy(self.url + self.health_path, START_TIMEOUT_S)
+        return self.url
+
+    async def check_health(self) -> None:
+        if self.server is None:
+            raise RuntimeError(f"{self.display_name} was not started")
+        code = self.server.exit_code()
+        if code is not None:
+            raise self.server.failure(f"{self.display_name} exited with code {code}")
+        if not await asyncio.to_thread(http_ok, self.url + self.health_path, 10.0):
+            raise RuntimeError(f"{self.display_name}'s {self.health_path} does not answer")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()

@@ -84,6 +84,14 @@ class RouterReplica:
         self.thread.join(timeout=10)
 
 
+def _node_ip() -> str:
+    """This node's IP as Ray registered it (`ray.util.get_node_ip_address()` guesses by routing instead)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)
+
+
 async def _call(function, *args):
     return function(*args)
 
@@ -92,14 +100,12 @@ class ModelReplica:
     """One replica of one model: the engine's server plus its registration with the router."""
 
     async def __init__(self, deployment: ModelDeployment, engine_class: type[Engine], router_app: str):
-        import ray
-
         self.deployment = deployment
         self.engine = engine_class(deployment)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.router = serve.get_deployment_handle("RouterReplica", app_name=router_app)
         started = time.monotonic()
-        self.url = await self.engine.start(ray.util.get_node_ip_address())
+        self.url = await self.engine.start(_node_ip())
         logger.info("model %s: engine ready at %s after %.1fs", deployment.name, self.url, time.monotonic() - started)
         self.card = await asyncio.to_thread(_model_card, self.url, deployment.name)
         await self._register()

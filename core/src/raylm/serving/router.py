@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 import httptools
@@ -42,15 +43,13 @@ HOP_BY_HOP = {
     b"content-length",
 }
 MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
-STATUS_TEXT = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
@@ -58,10 +57,31 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def openai_error(status: int, body: bytes) -> dict | None:
+    """An engine's error body in OpenAI's shape, or None when it already is in it.
+
+    Engines differ: vLLM answers `{"error": {...}}`, SGLang `{"object": "error", "message": ...}`,
+    a crashed handler plain text.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return None
+    if isinstance(payload, dict):
+        message = payload.get("message") or payload.get("detail") or payload.get("error") or json.dumps(payload)
+        shaped = error_body(status, str(message), param=payload.get("param"))
+        shaped["error"]["code"] = payload.get("code", status)
+        return shaped
+    text = body.decode(errors="replace").strip()
+    return error_body(status, text or reason(status), code=str(status))
+
+
 def http_response(status: int, payload: dict, keep_alive: bool = True) -> bytes:
     body = json.dumps(payload).encode()
     head = (
-        f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}\r\n"
+        f"HTTP/1.1 {status} {reason(status)}\r\n"
         f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
         f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n"
     )
@@ -157,15 +177,21 @@ class RouteTable:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """A keep-alive connection to an engine server; relays one response at a time to a client."""
+    """A keep-alive connection to an engine server; relays one response at a time to a client.
+
+    A successful response is piped through as it arrives. An error response (small,
+    never streamed) is held until complete, so its body can be put in OpenAI's shape.
+    """
 
     def __init__(self, upstream: Upstream):
         self.upstream = upstream
         self.transport: asyncio.Transport | None = None
         self.client: ClientConnection | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.closed = asyncio.get_running_loop().create_future()
         self.response_started = False
+        self.piping = False  # headers seen, status < 400: bytes go straight to the client
+        self.held = bytearray()  # raw bytes held until the status is known, or of a whole error response
+        self.error_body: bytearray | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -177,7 +203,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.response_started = True
-        client.transport.write(data)
+        if self.piping:
+            client.transport.write(data)
+        else:
+            self.held += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -185,8 +214,6 @@ class UpstreamConnection(asyncio.Protocol):
             client.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
         if self in self.upstream.idle:
             self.upstream.idle.remove(self)
         if self.client is not None:
@@ -195,12 +222,31 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:  # the engine is slow to read our request: nothing to do
         pass
 
-    # httptools callback
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 400:
+            self.piping = True
+            self.client.transport.write(bytes(self.held))
+            self.held.clear()
+        else:
+            self.error_body = bytearray()
+
+    def on_body(self, body: bytes) -> None:
+        if self.error_body is not None:
+            self.error_body += body
+
     def on_message_complete(self) -> None:
         client, self.client = self.client, None
+        if self.error_body is not None:
+            status = self.parser.get_status_code()
+            payload = openai_error(status, bytes(self.error_body))
+            client.transport.write(bytes(self.held) if payload is None else http_response(status, payload))
         keep_alive = self.parser.should_keep_alive()
         self.parser = httptools.HttpResponseParser(self)
-        self.response_started = False
+        self.response_started = self.piping = False
+        self.held.clear()
+        self.error_body = None
         if keep_alive:
             self.upstream.idle.append(self)
         else:

@@ -67,8 +67,9 @@ class EngineContract(_PluginContract):
         raise NotImplementedError("override the model_deployment fixture with a small real model")
 
     @pytest.fixture
-    def engine_spec(self) -> EngineSpec:
-        return _installed_registry().engine(self.engine_name)
+    def engine_spec(self, model_deployment: ModelDeployment) -> EngineSpec:
+        # An engine in its own environment (`python`) need not be importable here.
+        return _installed_registry().engine(self.engine_name, runtime_here=model_deployment.python is None)
 
     def test_spec_is_valid(self, engine_spec: EngineSpec) -> None:
         assert isinstance(engine_spec, EngineSpec)
@@ -134,8 +135,9 @@ class BackendContract(_PluginContract):
 
     @pytest.fixture
     def backend(self, backend_spec: BackendSpec, backend_options: dict[str, Any]) -> Backend:
-        values = {option.name: option.default for option in backend_spec.options}
-        return backend_spec.backend_class({**values, **backend_options})
+        from raylm.api import make_backend
+
+        return make_backend(self.backend_name, backend_options, _installed_registry())
 
     def test_spec_is_valid(self, backend_spec: BackendSpec) -> None:
         assert isinstance(backend_spec, BackendSpec)

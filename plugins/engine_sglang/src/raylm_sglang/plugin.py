@@ -9,8 +9,7 @@ def raylm_engines():
 
     yield raylm.EngineSpec(
         name="sglang",
-        description="SGLang in each replica",
+        description="SGLang's OpenAI server in each replica",
         engine_class=SGLangEngine,
         requires=(raylm.Requirement("sglang", "pip install 'raylm-sglang[sglang]'"),),
-        unavailable_reason="not implemented yet",
     )

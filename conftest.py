@@ -1,0 +1,3 @@
+"""Root conftest: raylm's own pytest fixtures for every test folder of the workspace."""
+
+pytest_plugins = ["raylm.testing.fixtures"]

@@ -1,0 +1,136 @@
+"""One endpoint, two engines, two environments: vLLM from .venv and SGLang from .venv-sglang.
+
+`raylm serve -f` starts both on one local Ray head; each model's replicas run in
+its engine's own Python (Ray's py_executable). Talked to with the OpenAI client.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from raylm.server_process import free_port
+from raylm.testing.processes import processes_matching
+from raylm_local.backend import ray_temp_dir
+from sglang_setup import CPU_ARGS, CPU_ENV
+
+pytestmark = pytest.mark.engine
+
+RAYLM = str(Path(sys.executable).parent / "raylm")
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, tiny_llama, sglang_python):
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    port = free_port("127.0.0.1")
+    plan = home / "deploy.yaml"
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "name": "pair",
+                "server": {"port": port},
+                "models": [
+                    {
+                        "model": str(tiny_llama),
+                        "name": "tiny-vllm",
+                        "engine": "vllm",
+                        "engine_args": [
+                            "--max-model-len",
+                            "512",
+                            "--dtype",
+                            "float32",
+                            "--kv-cache-memory-bytes",
+                            "134217728",
+                        ],
+                    },
+                    {
+                        "model": str(tiny_llama),
+                        "name": "tiny-sglang",
+                        "engine": "sglang",
+                        "python": sglang_python,
+                        "env": CPU_ENV,
+                        "engine_args": list(CPU_ARGS),
+                    },
+                ],
+            }
+        )
+    )
+    run = subprocess.run(
+        [RAYLM, "serve", "-f", str(plan), "--detach"], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert run.returncode == 0, run.stderr
+    yield f"http://127.0.0.1:{port}"
+    stopped = subprocess.run([RAYLM, "stop", "pair"], capture_output=True, text=True, env=env, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr
+    assert processes_matching(str(ray_temp_dir(home, "pair"))) == []
+    assert processes_matching("sglang.launch_server", "--served-model-name tiny-sglang ") == []
+
+
+@pytest.fixture(scope="module")
+def client(endpoint):
+    return openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0)
+
+
+def test_both_engines_answer_behind_one_endpoint(client):
+    assert sorted(m.id for m in client.models.list()) == ["tiny-sglang", "tiny-vllm"]
+    for model in ("tiny-vllm", "tiny-sglang"):
+        response = client.completions.create(model=model, prompt="Hello world", max_tokens=6, temperature=0)
+        assert response.model == model and response.usage.completion_tokens == 6
+
+
+def test_the_replicas_run_in_their_engines_environments(sglang_python):
+    (server,) = processes_matching("sglang.launch_server", "--served-model-name tiny-sglang ")
+    assert sglang_python in server
+    (vllm_server,) = processes_matching("vllm.entrypoints", "--served-model-name tiny-vllm ")
+    assert sys.executable in vllm_server
+
+
+def test_sglang_streams_deltas_and_counts_usage(client, endpoint):
+    whole = client.completions.create(model="tiny-sglang", prompt="Hello world", max_tokens=12, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny-sglang",
+            prompt="Hello world",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].text, "stream chunks must be deltas that add up to the text"
+    assert chunks[-1].usage.completion_tokens == 12
+    with httpx.stream(
+        "POST",
+        f"{endpoint}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-sglang", "prompt": "Hi", "max_tokens": 4, "stream": True},
+    ) as response:
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and all(json.loads(e)["model"] == "tiny-sglang" for e in events[:-1])
+
+
+def test_sglang_chat_plain_and_streamed(client):
+    messages = [{"role": "user", "content": "Hello there"}]
+    reply = client.chat.completions.create(model="tiny-sglang", messages=messages, max_tokens=6, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="tiny-sglang", messages=messages, max_tokens=6, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+
+
+def test_sglang_errors_are_openai_shaped(client, endpoint):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-sglang", prompt="x", max_tokens=100000)
+    response = httpx.post(
+        f"{endpoint}/v1/completions", json={"model": "tiny-sglang", "prompt": "x", "max_tokens": "many"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["message"] and "type" in error and "code" in error

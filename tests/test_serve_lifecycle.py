@@ -1,0 +1,101 @@
+"""Starting and stopping leave nothing behind: Ctrl-C on a foreground serve, and an engine that fails to start."""
+
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import raylm
+from raylm.errors import DeploymentError
+from raylm.state import Records
+from raylm_local.backend import ray_temp_dir
+from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers
+
+pytestmark = pytest.mark.engine
+
+TINY_ARGV = [token for key, value in TINY_ARGS.items() for token in ("--" + key.replace("_", "-"), str(value))]
+
+
+class Foreground:
+    """`raylm serve` in the foreground, as in a terminal; its output lines are read as they come."""
+
+    def __init__(self, *args, home: Path):
+        self.lines: queue.Queue[str] = queue.Queue()
+        env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        self.process = subprocess.Popen(
+            [RAYLM, "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.lines.put(line.rstrip())
+
+    def wait_for(self, fragment: str, timeout_s: float) -> list[str]:
+        seen, deadline = [], time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                assert self.process.poll() is None, "raylm serve exited early:\n" + "\n".join(seen)
+                continue
+            seen.append(line)
+            if fragment in line:
+                return seen
+        raise AssertionError(f"{fragment!r} did not appear:\n" + "\n".join(seen))
+
+    def ctrl_c(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=180)
+
+
+def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_model):
+    port = free_port()
+    serving = Foreground(str(tiny_model), "--name", "fg-tiny", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    serving.wait_for("press Ctrl-C to stop", timeout_s=600)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    assert client.completions.create(model="fg-tiny", prompt="Hello", max_tokens=4).usage.completion_tokens == 4
+
+    assert serving.ctrl_c() == 0
+    assert leftovers(ray_temp_dir(tmp_path, "fg-tiny"), "fg-tiny") == []
+    assert_port_free(port)
+
+
+def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_model):
+    port = free_port()
+    starting = Foreground(str(tiny_model), "--name", "fg-early", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    starting.wait_for("fg-early: deploying", timeout_s=300)
+    assert starting.ctrl_c() == 130
+    assert leftovers(ray_temp_dir(tmp_path, "fg-early"), "fg-early") == []
+    assert_port_free(port)
+
+
+def test_an_engine_that_fails_to_start_is_reported_and_cleaned_up(raylm_home, tiny_model):
+    # Valid for vLLM's parser, impossible at start: a KV cache of one byte.
+    model = raylm.ModelDeployment(
+        model=str(tiny_model),
+        name="doomed",
+        engine="vllm",
+        engine_args=("--max-model-len", "512", "--kv-cache-memory-bytes", "1"),
+    )
+    port = free_port()
+    messages = []
+    with pytest.raises(DeploymentError) as raised:
+        raylm.serve(raylm.ServePlan(name="doomed", models=(model,), port=port), progress=messages.append)
+    message = str(raised.value)
+    assert message.startswith("doomed failed to start:")
+    assert "vllm:doomed exited with code" in message, message
+    assert "cleaning up" in " ".join(messages)
+    assert leftovers(ray_temp_dir(raylm_home, "doomed"), "doomed") == []
+    assert Records("deployments").names() == []
+    assert_port_free(port)
