@@ -16,7 +16,7 @@ def free_port():
     return server_process.free_port("127.0.0.1")
 
 
-def raylm(*args, env, timeout=900):
+def run_cli(*args, env, timeout=900):
     return subprocess.run(
         [RAYLM, *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
     )

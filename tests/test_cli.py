@@ -165,3 +165,10 @@ def test_a_backend_option_of_the_wrong_type(tiny_model, tmp_path, tmp_home):
     plan.write_text(f"cluster:\n  num_cpus: many\nmodels:\n  - model: {tiny_model}\n")
     code, _, err, _ = run_raylm("serve", "-f", str(plan), env=tmp_home)
     assert_one_line_error(code, err, "backend 'local': option 'num_cpus' expects int, got 'many'")
+
+
+def test_an_engine_option_before_the_model_is_a_usage_error(tmp_home):
+    code, _, err, _ = run_raylm("serve", "--max-model-len", "512", env=tmp_home)
+    assert code == 2 and err[-1] == (
+        "Error: unknown option --max-model-len: name the MODEL first, then the engine's own options"
+    )

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
-from servetools import TINY_ARGS, assert_port_free, free_port, leftovers, raylm
+from servetools import TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
 
 pytestmark = pytest.mark.engine
 
@@ -42,7 +42,7 @@ def deployment(tmp_path_factory, tiny_model, minilm_model):
             }
         )
     )
-    started = raylm("serve", "-f", str(plan), "--detach", env=env)
+    started = run_cli("serve", "-f", str(plan), "--detach", env=env)
     assert started.returncode == 0, started.stderr
     assert started.stdout.strip() == f"http://127.0.0.1:{port}/v1"
     ray_temp_dir = local_ray_temp_dir(home, "e2e")
@@ -54,11 +54,11 @@ def deployment(tmp_path_factory, tiny_model, minilm_model):
         "progress": started.stderr,
     }
 
-    stopped = raylm("stop", "e2e", env=env)
+    stopped = run_cli("stop", "e2e", env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert leftovers(ray_temp_dir, "tiny-e2e", "minilm-e2e") == []
     assert_port_free(port)
-    assert raylm("status", env=env).stdout.strip() == "no deployments running"
+    assert run_cli("status", env=env).stdout.strip() == "no deployments running"
 
 
 @pytest.fixture(scope="module")
@@ -181,12 +181,12 @@ def test_health_readiness_and_status(deployment):
     assert httpx.get(f"{deployment['url']}/health").status_code == 200
     ready = httpx.get(f"{deployment['url']}/ready")
     assert ready.status_code == 200 and sorted(ready.json()["models"]) == ["minilm-e2e", "tiny-e2e"]
-    status = raylm("status", "--json", env=deployment["env"])
+    status = run_cli("status", "--json", env=deployment["env"])
     (record,) = json.loads(status.stdout)
     assert record["name"] == "e2e" and record["ready"] and record["models"] == ["tiny-e2e", "minilm-e2e"]
 
 
 def test_serving_the_same_name_again_is_refused(deployment, tiny_model):
-    again = raylm("serve", str(tiny_model), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
+    again = run_cli("serve", str(tiny_model), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
     assert again.returncode == 1
     assert "a deployment named 'e2e' already runs" in again.stderr.strip().splitlines()[-1]

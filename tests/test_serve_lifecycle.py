@@ -14,7 +14,7 @@ import raylm
 from raylm.errors import DeploymentError
 from raylm.state import Records
 from raylm_local.backend import ray_temp_dir
-from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers
+from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
 
 pytestmark = pytest.mark.engine
 
@@ -69,6 +69,17 @@ def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_model):
     assert serving.ctrl_c() == 0
     assert leftovers(ray_temp_dir(tmp_path, "fg-tiny"), "fg-tiny") == []
     assert_port_free(port)
+
+
+def test_a_foreground_serve_ends_when_stopped_from_another_shell(tmp_path, tiny_model):
+    port = free_port()
+    serving = Foreground(str(tiny_model), "--name", "fg-other", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    serving.wait_for("press Ctrl-C to stop", timeout_s=600)
+    stopped = run_cli("stop", "fg-other", env={**os.environ, "RAYLM_HOME": str(tmp_path)})
+    assert stopped.returncode == 0, stopped.stderr
+    serving.wait_for("fg-other was stopped from elsewhere", timeout_s=30)
+    assert serving.process.wait(timeout=30) == 0
+    assert leftovers(ray_temp_dir(tmp_path, "fg-other"), "fg-other") == []
 
 
 def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_model):

@@ -6,7 +6,7 @@ import json
 import re
 import signal
 import sys
-import threading
+import time
 from typing import Any
 
 import click
@@ -105,7 +105,7 @@ def serve_command(
     Options raylm does not know are the engine's own and pass through unchanged,
     e.g. `raylm serve ./tiny --max-model-len 512 --dtype float32`.
     """
-    from raylm.api import serve
+    from raylm.api import DEPLOYMENTS, serve
     from raylm.config import ServePlan, default_model_name, load_plan_file
     from raylm.engine import ModelDeployment
 
@@ -128,6 +128,8 @@ def serve_command(
     else:
         if not model:
             raise click.UsageError("name a MODEL to serve, or a deployment file with -f")
+        if model.startswith("-"):
+            raise click.UsageError(f"unknown option {model}: name the MODEL first, then the engine's own options")
         served_name = name or default_model_name(model)
         deployment = ModelDeployment(
             model=model,
@@ -146,14 +148,21 @@ def serve_command(
             backend=backend,
             backend_options=backend_options,
         )
+    _interrupt_on_stop_signals()
     running = serve(plan, progress=echo_progress, registry=registry)
     click.echo(f"{running.url}/v1")
     if detach:
         echo_progress(f"detached; `raylm status {running.name}` shows it, `raylm stop {running.name}` stops it")
         return
     echo_progress("press Ctrl-C to stop")
-    _wait_for_stop_signal()
-    running.stop(progress=echo_progress)
+    try:
+        while DEPLOYMENTS.load(running.name) is not None:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        echo_progress("stopping")
+        running.stop(progress=echo_progress)
+    else:
+        echo_progress(f"{running.name} was stopped from elsewhere")
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -166,13 +175,13 @@ def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-def _wait_for_stop_signal() -> None:
-    stop = threading.Event()
+def _interrupt_on_stop_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP raise KeyboardInterrupt, so a start is undone and a serve is stopped.
+
+    Set explicitly: a process started in the background by a script inherits SIGINT as ignored.
+    """
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        pass
-    echo_progress("stopping")
+        signal.signal(sig, signal.default_int_handler)
 
 
 @cli.command("status")
@@ -308,10 +317,15 @@ def main(argv: list[str] | None = None) -> None:
         registry = get_registry()
         add_backend_options(registry)
         registry.add_cli_commands(cli)
-        cli.main(args=argv, prog_name="raylm")
+        # Not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit code 1.
+        result = cli.main(args=argv, prog_name="raylm", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("raylm: interrupted", err=True)
+        sys.exit(130)
     except RaylmError as exc:
         click.echo(f"raylm: error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("raylm: interrupted", err=True)
-        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
