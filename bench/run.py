@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import Connection, median, run_load  # noqa: E402
+
 from raylm.testing.models import build_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

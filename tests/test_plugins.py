@@ -1,6 +1,7 @@
 """The loader, through real entry points: distributions on sys.path that importlib.metadata finds."""
 
 import pytest
+
 from raylm.errors import PluginError, RuntimeMissingError, UnknownNameError
 from raylm.plugins import Registry, StrictPluginError
 
@@ -246,8 +247,9 @@ def test_plugins_add_cli_commands_in_isolation(make_distribution):
 def test_plugin_objects_can_be_added_directly(raylm_registry):
     import types
 
-    import raylm
     from doubles import NullBackend
+
+    import raylm
 
     module = types.ModuleType("direct")
 

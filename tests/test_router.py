@@ -14,11 +14,12 @@ import time
 import httpx
 import pytest
 import uvicorn
-from raylm.serving.router import Router, RouteTable
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
+
+from raylm.serving.router import Router, RouteTable
 
 
 def free_port():

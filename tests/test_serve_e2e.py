@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 import yaml
-from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
 from servetools import TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
+
+from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
 
 pytestmark = pytest.mark.engine
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import openai
 import pytest
+from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
+
 import raylm
 from raylm.errors import DeploymentError
 from raylm.state import Records
 from raylm_local.backend import ray_temp_dir
-from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
 
 pytestmark = pytest.mark.engine
 

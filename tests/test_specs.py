@@ -1,5 +1,6 @@
 import pytest
 from doubles import NullBackend, NullEngine
+
 from raylm import BackendOption, BackendSpec, EngineSpec, ModelDeployment, Requirement
 from raylm.engine import args_to_argv
 from raylm.errors import ConfigError

@@ -23,12 +23,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from raylm.engine import Engine, ModelDeployment
+from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.errors import ConfigError, DeploymentError
 
 PR_SET_PDEATHSIG = 1
@@ -160,14 +159,17 @@ CHECK_TIMEOUT_S = 300
 class ServerEngine(Engine):
     """An engine whose replicas run the engine's own OpenAI server as a child process.
 
-    Subclasses name the engine, the module that checks arguments with the engine's
-    own parser (run in the engine's Python, so it works for engines in other venvs),
-    the server command, and the resources. The check module takes `MODEL ARGS...`,
-    prints one JSON object and exits 0, or prints `PROG: error: MESSAGE` and exits 2.
+    Subclasses name the engine, its server module and model option, and the module
+    that checks arguments with the engine's own parser (run in the engine's Python,
+    so it works for engines in other venvs). The check module takes `MODEL ARGS...`
+    and prints one JSON object with at least `device` and `gpus` (per replica) and
+    exits 0, or prints `PROG: error: MESSAGE` and exits 2.
     """
 
     display_name: ClassVar[str]
     check_module: ClassVar[str]
+    server_module: ClassVar[str]
+    model_option: ClassVar[str]
     # Options raylm sets itself, and what the user should use instead.
     reserved_options: ClassVar[Mapping[str, str]] = {}
     health_path: ClassVar[str] = "/health"
@@ -191,9 +193,30 @@ class ServerEngine(Engine):
         """The interpreter of the engine's environment (the replica runs in it too)."""
         return self.deployment.python or sys.executable
 
-    @abstractmethod
     def server_command(self, host: str, port: int) -> list[str]:
-        """The command that serves the model on host:port, started with `self.python`."""
+        """The command that serves the model on host:port."""
+        model = self.deployment
+        return [
+            self.python,
+            "-m",
+            self.server_module,
+            self.model_option,
+            model.model,
+            "--served-model-name",
+            model.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *model.engine_args,
+        ]
+
+    def resources(self) -> ReplicaResources:
+        """One CPU, and the GPUs the engine's own check counted (none on a CPU device)."""
+        if self.checked is None:
+            self.validate()
+        gpus = 0 if self.checked["device"] == "cpu" else self.checked["gpus"]
+        return ReplicaResources(num_cpus=1, num_gpus=gpus)
 
     def validate(self) -> None:
         command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]

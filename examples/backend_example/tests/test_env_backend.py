@@ -1,6 +1,7 @@
 """The example backend passes raylm's backend contract, against a real Ray cluster."""
 
 import pytest
+
 from raylm.testing.contracts import BackendContract
 
 

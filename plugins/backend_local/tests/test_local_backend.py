@@ -1,10 +1,15 @@
 """The local backend against real Ray: the contract, connecting to an existing cluster, and errors."""
 
+import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
+
 from raylm.errors import ClusterError
 from raylm.testing.contracts import BackendContract
 from raylm.testing.processes import processes_matching
@@ -51,10 +56,33 @@ def test_an_address_where_nothing_listens_is_a_clear_error(raylm_home):
 def test_a_dead_head_is_forgotten(raylm_home):
     head = LocalBackend({"cluster": "dies", "num_cpus": 2})
     head.up(print)
-    os.kill(CLUSTERS.load("dies")["pid"], signal.SIGKILL)
+    head_pid = CLUSTERS.load("dies")["pid"]
+    os.kill(head_pid, signal.SIGKILL)
+    psutil.Process(head_pid).wait(timeout=10)
     try:
         assert head.status() is None
         assert CLUSTERS.load("dies") is None
     finally:
         for line in processes_matching(str(head.ray_temp_dir)):  # SIGKILL skipped Ray's own cleanup
             psutil.Process(int(line.split(":")[0])).kill()
+
+
+def test_cluster_commands_start_show_and_stop_a_head(raylm_home):
+    raylm = str(Path(sys.executable).parent / "raylm")
+    env = {**os.environ, "RAYLM_HOME": str(raylm_home)}
+
+    def cli(*args):
+        return subprocess.run([raylm, "cluster", *args, "--cluster", "lab"], capture_output=True, text=True, env=env)
+
+    up = cli("up", "--num-cpus", "2", "--json")
+    assert up.returncode == 0, up.stderr
+    address = json.loads(up.stdout)["address"]
+    try:
+        assert json.loads(cli("up", "--json").stdout)["address"] == address, "a second up reuses the head"
+        status = cli("status")
+        assert status.stdout.strip() == f"local cluster 'lab' at {address}: 1/1 nodes alive"
+        assert cli("scale", "--workers", "2").stderr.strip().endswith("cannot scale; it has a fixed set of nodes")
+    finally:
+        assert cli("down").returncode == 0
+    assert cli("status").stdout.strip() == "no such cluster running"
+    assert processes_matching(str(LocalBackend({"cluster": "lab"}).ray_temp_dir)) == []

@@ -1,8 +1,9 @@
 """Fixtures of the SGLang tests."""
 
 import pytest
-from raylm.testing.models import build_tiny_llama
 from sglang_setup import SGLANG_PYTHON
+
+from raylm.testing.models import build_tiny_llama
 
 
 @pytest.fixture(scope="session")

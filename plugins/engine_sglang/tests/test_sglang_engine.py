@@ -5,11 +5,12 @@ On this CPU-only machine SGLang needs the test-only stand-ins in tests/support
 """
 
 import pytest
+from sglang_setup import CPU_ARGS, CPU_ENV
+
 from raylm import ModelDeployment
 from raylm.errors import ConfigError
 from raylm.testing.contracts import EngineContract
 from raylm_sglang.engine import SGLangEngine
-from sglang_setup import CPU_ARGS, CPU_ENV
 
 
 def sglang_deployment(model, python, name="tiny-sglang", args=CPU_ARGS):

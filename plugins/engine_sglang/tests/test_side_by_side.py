@@ -14,10 +14,11 @@ import httpx
 import openai
 import pytest
 import yaml
+from sglang_setup import CPU_ARGS, CPU_ENV
+
 from raylm.server_process import free_port
 from raylm.testing.processes import processes_matching
 from raylm_local.backend import ray_temp_dir
-from sglang_setup import CPU_ARGS, CPU_ENV
 
 pytestmark = pytest.mark.engine
 

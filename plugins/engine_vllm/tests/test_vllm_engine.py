@@ -1,6 +1,7 @@
 """The vLLM engine under raylm's engine contract, with a tiny model built offline."""
 
 import pytest
+
 from raylm import ModelDeployment
 from raylm.errors import ConfigError
 from raylm.testing.contracts import EngineContract

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,10 +21,21 @@ START_TIMEOUT_S = 120
 STOP_GRACE_S = 15
 
 
+# Ray binds these ports some time after we pick them. Ports from the kernel's ephemeral range
+# (32768-60999 on Linux) can be taken meanwhile by any outgoing connection; these cannot.
+RAY_PORT_RANGE = range(20000, 30000)
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port below the ephemeral range that nothing listens on now."""
+    for port in random.sample(RAY_PORT_RANGE, 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port between {RAY_PORT_RANGE.start} and {RAY_PORT_RANGE.stop} for the Ray head")
 
 
 def ray_temp_dir(home: Path, cluster: str) -> Path:
@@ -121,12 +133,29 @@ class LocalBackend(Backend):
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 raise ClusterError("the local Ray head did not start: " + " | ".join(tail))
             time.sleep(0.2)
+        # `ray start --block` stops every process if one of them fails just after start.
+        time.sleep(1.0)
+        try:
+            self.check_alive()
+        except ClusterError:
+            self.down(lambda _: None)
+            raise
         progress(f"local Ray head running at {address}")
         return self._status(address)
 
     @property
     def ray_temp_dir(self) -> Path:
         return ray_temp_dir(raylm_home(), self.cluster_name)
+
+    def check_alive(self) -> None:
+        """Raise if the head raylm started has exited (e.g. one of Ray's processes failed after start)."""
+        record = CLUSTERS.load(self.cluster_name)
+        if record is not None and not _is_our_ray_head(record["pid"]):
+            tail = Path(record["log"]).read_text(errors="replace").strip().splitlines()[-3:]
+            raise ClusterError(
+                f"the local Ray head {self.cluster_name!r} has stopped; its log ({record['log']}) "
+                "ends: " + " | ".join(tail)
+            )
 
     def _status(self, address: str) -> ClusterStatus:
         return ClusterStatus(backend="local", name=self.cluster_name, address=address, nodes_alive=1, nodes_expected=1)

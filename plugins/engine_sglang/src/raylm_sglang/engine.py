@@ -4,9 +4,6 @@ SGLang's HTTP server streams deltas (its in-process Engine would give cumulative
 text, and binds to one event loop), so raylm's router forwards to it unchanged.
 """
 
-from __future__ import annotations
-
-from raylm.engine import ReplicaResources
 from raylm.server_process import ServerEngine
 
 
@@ -15,6 +12,8 @@ class SGLangEngine(ServerEngine):
 
     display_name = "SGLang"
     check_module = "raylm_sglang.validate"
+    server_module = "sglang.launch_server"
+    model_option = "--model-path"
     reserved_options = {
         "--model-path": "the MODEL argument",
         "--model": "the MODEL argument",
@@ -22,27 +21,3 @@ class SGLangEngine(ServerEngine):
         "--host": "--host",
         "--port": "--port",
     }
-
-    def server_command(self, host: str, port: int) -> list[str]:
-        model = self.deployment
-        return [
-            self.python,
-            "-m",
-            "sglang.launch_server",
-            "--model-path",
-            model.model,
-            "--served-model-name",
-            model.name,
-            "--host",
-            host,
-            "--port",
-            str(port),
-            *model.engine_args,
-        ]
-
-    def resources(self) -> ReplicaResources:
-        if self.checked is None:
-            self.validate()
-        if self.checked["device"] == "cpu":
-            return ReplicaResources(num_cpus=1, num_gpus=0)
-        return ReplicaResources(num_cpus=1, num_gpus=self.checked["tp_size"] * self.checked["pp_size"])

@@ -1,7 +1,7 @@
 """Check SGLang engine arguments with SGLang's own ServerArgs parser; run in a child process.
 
 Usage: python -m raylm_sglang.validate MODEL [SGLANG ARGS...]
-Prints one JSON line (device, parallel sizes, SGLang version) and exits 0, or
+Prints one JSON line (device, GPUs per replica, SGLang version) and exits 0, or
 prints SGLang's message and exits 2.
 """
 
@@ -30,8 +30,7 @@ def main(argv: list[str]) -> int:
             {
                 "sglang": sglang.__version__,
                 "device": server_args.device or "cuda",
-                "tp_size": server_args.tp_size,
-                "pp_size": getattr(server_args, "pp_size", 1),
+                "gpus": server_args.tp_size * getattr(server_args, "pp_size", 1),
             }
         )
     )

@@ -1,7 +1,7 @@
 """Check vLLM engine arguments with vLLM's own parser; run in a child process by the engine.
 
 Usage: python -m raylm_vllm.validate MODEL [VLLM ARGS...]
-Prints one JSON line (device, parallel sizes, vLLM version) and exits 0, or
+Prints one JSON line (device, GPUs per replica, vLLM version) and exits 0, or
 prints vLLM's message and exits 2.
 """
 
@@ -39,8 +39,7 @@ def main(argv: list[str]) -> int:
             {
                 "vllm": vllm.__version__,
                 "device": current_platform.device_type,
-                "tensor_parallel_size": args.tensor_parallel_size,
-                "pipeline_parallel_size": args.pipeline_parallel_size,
+                "gpus": args.tensor_parallel_size * args.pipeline_parallel_size,
             }
         )
     )
