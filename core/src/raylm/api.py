@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -24,7 +23,7 @@ from raylm.config import ServePlan, check_model_path, check_port_free
 from raylm.engine import Engine
 from raylm.errors import ClusterError, ConfigError, DeploymentError
 from raylm.plugins import Registry, get_registry
-from raylm.server_process import http_ok
+from raylm.server_process import address_answers, http_ok
 from raylm.state import Records
 
 DEPLOYMENTS = Records("deployments")
@@ -170,11 +169,8 @@ def _connect(address: str) -> None:
 
     if not ray.is_initialized():
         # ray.init would retry a dead address for minutes; say so at once instead.
-        host, _, port = address.rpartition(":")
-        with socket.socket() as probe:
-            probe.settimeout(5)
-            if probe.connect_ex((host, int(port))) != 0:
-                raise ClusterError(f"no Ray cluster answers at {address}; see `raylm cluster status`")
+        if not address_answers(address, timeout_s=5):
+            raise ClusterError(f"no Ray cluster answers at {address}; see `raylm cluster status`")
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what happens
 

@@ -144,6 +144,16 @@ def _kill_session_leftovers(session_id: int) -> None:
             continue
 
 
+def address_answers(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at HOST:PORT (False for a malformed address)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    with socket.socket() as probe:
+        probe.settimeout(timeout_s)
+        return probe.connect_ex((host, int(port))) == 0
+
+
 def http_ok(url: str, timeout_s: float) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:

@@ -71,10 +71,6 @@ class RouterReplica:
     def deregister(self, replica_id: str) -> None:
         self._on_loop(self.table.deregister, replica_id)
 
-    def routes(self) -> dict[str, list[str]]:
-        """Model name to the engine URLs serving it, as the router sees them now."""
-        return self._on_loop(lambda: {m: [u.url for u in ups] for m, ups in self.table.upstreams.items()})
-
     def check_health(self) -> None:
         if not self.thread.is_alive():
             raise RuntimeError("the router thread has stopped")
@@ -121,9 +117,6 @@ class ModelReplica:
                 await self._register()
             except Exception as exc:  # the router restarts: keep trying, it relearns us on the next beat
                 logger.warning("model %s: heartbeat to the router failed: %s", self.deployment.name, exc)
-
-    def address(self) -> str:
-        return self.url
 
     async def check_health(self) -> None:
         await self.engine.check_health()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -31,6 +30,7 @@ from raylm.backend import Backend, ClusterStatus
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.errors import ConfigError
 from raylm.plugins import Registry
+from raylm.server_process import address_answers
 from raylm.specs import BackendSpec, EngineSpec
 
 HEAVY_MODULES = ("ray", "vllm", "sglang", "torch", "transformers")
@@ -110,9 +110,7 @@ class EngineContract(_PluginContract):
 
         models, url = asyncio.run(lifecycle())
         assert model_deployment.name in [m["id"] for m in models["data"]]
-        host, port = url.removeprefix("http://").split(":")
-        with socket.socket() as probe:
-            assert probe.connect_ex((host, int(port))) != 0, "the engine server still listens after stop()"
+        assert not address_answers(url.removeprefix("http://")), "the engine server still listens after stop()"
 
 
 class BackendContract(_PluginContract):
@@ -150,7 +148,7 @@ class BackendContract(_PluginContract):
         first = backend.up(messages.append)
         try:
             assert isinstance(first, ClusterStatus) and first.backend == self.backend_name
-            assert _answers(first.address), f"nothing listens at the cluster address {first.address}"
+            assert address_answers(first.address), f"nothing listens at the cluster address {first.address}"
             assert backend.up(messages.append).address == first.address, "a second up must reuse the cluster"
             current = backend.status()
             assert current is not None and current.address == first.address
@@ -158,13 +156,6 @@ class BackendContract(_PluginContract):
             backend.down(messages.append)
         if self.starts_clusters:
             assert backend.status() is None
-            assert not _answers(first.address), "the cluster still answers after down"
+            assert not address_answers(first.address), "the cluster still answers after down"
         else:
-            assert _answers(first.address), "down stopped a cluster the backend did not start"
-
-
-def _answers(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    with socket.socket() as probe:
-        probe.settimeout(2)
-        return probe.connect_ex((host, int(port))) == 0
+            assert address_answers(first.address), "down stopped a cluster the backend did not start"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
+from raylm.server_process import address_answers
 from raylm.state import Records, raylm_home
 
 CLUSTERS = Records("clusters/local")
@@ -44,12 +45,6 @@ def ray_temp_dir(home: Path, cluster: str) -> Path:
     return Path("/tmp") / f"raylm-{home_key}" / cluster
 
 
-def port_open(host: str, port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex((host, port)) == 0
-
-
 class LocalBackend(Backend):
     """`up` runs `ray start --head --block` in its own session; `down` stops exactly that process tree."""
 
@@ -60,8 +55,7 @@ class LocalBackend(Backend):
     def up(self, progress: Progress) -> ClusterStatus:
         address = self.options.get("address")
         if address:
-            host, _, port = address.rpartition(":")
-            if address.startswith("ray://") or not port.isdigit() or not port_open(host, int(port)):
+            if address.startswith("ray://") or not address_answers(address):
                 raise ClusterError(
                     f"no Ray cluster answers at {address}: give the GCS address (HOST:PORT) of a "
                     "running cluster, as `ray status` shows it"
@@ -172,8 +166,7 @@ class LocalBackend(Backend):
     def status(self) -> ClusterStatus | None:
         address = self.options.get("address")
         if address:
-            host, _, port = address.rpartition(":")
-            return self._status(address) if port.isdigit() and port_open(host, int(port)) else None
+            return self._status(address) if address_answers(address) else None
         record = self._running_record()
         return self._status(record["address"]) if record else None
 
