@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from raylm.backend import Backend, ClusterStatus, Progress
+from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.config import ServePlan, check_model_path, check_port_free
 from raylm.engine import Engine
-from raylm.errors import ClusterError, ConfigError, DeploymentError
+from raylm.errors import ConfigError, DeploymentError
 from raylm.plugins import Registry, get_registry
-from raylm.server_process import address_answers, http_ok
+from raylm.server_process import http_ok
 from raylm.state import Records
 
 DEPLOYMENTS = Records("deployments")
@@ -101,12 +101,17 @@ def serve(
     progress: Progress = _stderr,
     registry: Registry | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    replace: bool = False,
 ) -> Deployment:
     """Start the cluster if needed, deploy every model and the router, return once all answer.
 
-    Anything this call started is stopped again if it fails or is interrupted.
+    Anything this call started is stopped again if it fails or is interrupted. With `replace`, a
+    deployment of the same name is stopped first instead of being an error.
     """
     registry = registry or get_registry()
+    if replace and DEPLOYMENTS.load(plan.name) is not None:
+        progress(f"replacing the deployment {plan.name!r}")
+        stop(plan.name, progress=progress, registry=registry)
     _refuse_running_duplicate(plan.name)
     backend_name = plan.backend or registry.default_backend()
     # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
@@ -122,9 +127,10 @@ def serve(
             backend.down(progress)
         raise
     apps = [_app_name(plan.name, "router")] + [_app_name(plan.name, m.name) for m in plan.models]
+    host, url = _endpoint(plan, backend, cluster)
     record = {
         "name": plan.name,
-        "url": plan.url,
+        "url": url,
         "models": [m.name for m in plan.models],
         "apps": apps,
         "backend": backend_name,
@@ -132,20 +138,29 @@ def serve(
         "address": cluster.address,
         "owns_cluster": owns_cluster,
         "head_is_local": backend.head_is_local,
-        "host": plan.host,
+        "host": host,
         "port": plan.port,
         "started": time.time(),
     }
     DEPLOYMENTS.save(plan.name, record)
     try:
-        _deploy(plan, engines, cluster, apps, progress, ready_timeout_s)
+        connect_ray(cluster.address, backend.client_environment())
+        _deploy(plan, engines, host, apps, progress, ready_timeout_s)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
         stop(plan.name, progress=progress)
         raise
-    progress(f"serving {', '.join(record['models'])} at {plan.url}/v1")
-    return Deployment(name=plan.name, url=plan.url, models=tuple(record["models"]))
+    progress(f"serving {', '.join(record['models'])} at {url}/v1")
+    return Deployment(name=plan.name, url=url, models=tuple(record["models"]))
+
+
+def _endpoint(plan: ServePlan, backend: Backend, cluster: ClusterStatus) -> tuple[str, str]:
+    """Where the router listens, and the URL clients use. A remote head is reached at its cluster address."""
+    if backend.head_is_local:
+        return plan.host, plan.url
+    head = cluster.address.rpartition(":")[0]
+    return (head if plan.host in ("127.0.0.1", "localhost") else plan.host), f"http://{head}:{plan.port}"
 
 
 def _refuse_running_duplicate(name: str) -> None:
@@ -162,23 +177,10 @@ def _refuse_running_duplicate(name: str) -> None:
     )
 
 
-def _connect(address: str) -> None:
-    import logging
-
-    import ray
-
-    if not ray.is_initialized():
-        # ray.init would retry a dead address for minutes; say so at once instead.
-        if not address_answers(address, timeout_s=5):
-            raise ClusterError(f"no Ray cluster answers at {address}; see `raylm cluster status`")
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what happens
-
-
 def _deploy(
     plan: ServePlan,
     engines: list[Engine],
-    cluster: ClusterStatus,
+    host: str,
     apps: list[str],
     progress: Progress,
     ready_timeout_s: float,
@@ -187,7 +189,6 @@ def _deploy(
 
     from raylm.serving.replicas import HEAD_NODE_RESOURCE, ModelReplica, RouterReplica
 
-    _connect(cluster.address)
     serve.start(proxy_location="Disabled")
     router_app, model_apps = apps[0], apps[1:]
     router = serve.deployment(
@@ -195,7 +196,7 @@ def _deploy(
         ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
         health_check_period_s=5,
         max_constructor_retry_count=1,
-    ).bind(plan.host, plan.port, [m.name for m in plan.models])
+    ).bind(host, plan.port, [m.name for m in plan.models])
     targets = [serve.RunTarget(target=router, name=router_app, route_prefix=None)]
     for engine, app in zip(engines, model_apps):
         model, resources = engine.deployment, engine.resources()
@@ -221,7 +222,7 @@ def _deploy(
             max_constructor_retry_count=model.replicas,
         ).bind(model, type(engine), router_app)
         targets.append(serve.RunTarget(target=replica, name=app, route_prefix=None))
-    progress(f"deploying the router on {plan.host}:{plan.port} and {len(model_apps)} model(s)")
+    progress(f"deploying the router on {host}:{plan.port} and {len(model_apps)} model(s)")
     serve.run_many(targets, wait_for_applications_running=False)
     _wait_running(dict(zip(apps, ["router", *(m.name for m in plan.models)])), progress, ready_timeout_s)
 
@@ -291,7 +292,7 @@ def stop(name: str | None = None, *, progress: Progress = _stderr, registry: Reg
             raise ConfigError(f"no deployment named {each!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
         backend = make_backend(record["backend"], record["backend_options"], registry)
         if backend.status() is not None:
-            _delete_apps(record, progress)
+            _delete_apps(record, backend, progress)
         if record["owns_cluster"] and not _hand_over_cluster(record):
             backend.down(progress)
         if record["head_is_local"]:
@@ -311,11 +312,11 @@ def _hand_over_cluster(record: dict[str, Any]) -> bool:
     return False
 
 
-def _delete_apps(record: dict[str, Any], progress: Progress) -> None:
+def _delete_apps(record: dict[str, Any], backend: Backend, progress: Progress) -> None:
     import ray
     from ray import serve
 
-    _connect(record["address"])
+    connect_ray(record["address"], backend.client_environment())
     router_app, model_apps = record["apps"][0], record["apps"][1:]
     try:
         # Models first and together (each replica stops its engine), so they can deregister from the router.

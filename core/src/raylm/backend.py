@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.errors import ClusterError
+from raylm.server_process import address_answers
 
 Progress = Callable[[str], None]
 
@@ -65,6 +66,28 @@ class Backend(ABC):
     def down(self, progress: Progress) -> None:
         """Stop everything `up` started. A cluster raylm only connected to is left running."""
 
+    def client_environment(self) -> dict[str, str]:
+        """Environment a Ray driver needs to connect to this cluster (e.g. token authentication)."""
+        return {}
+
     def scale(self, workers: int, progress: Progress) -> ClusterStatus:
         """Change the number of worker nodes."""
         raise ClusterError(f"the {type(self).__name__} backend cannot scale; it has a fixed set of nodes")
+
+
+def connect_ray(address: str, environment: Mapping[str, str]) -> None:
+    """Connect this process to the cluster at `address` as a Ray driver (once; later calls keep the connection)."""
+    import os
+
+    # Ray reads its authentication settings from the environment when it starts its client.
+    os.environ.update(environment)
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        # ray.init would retry a dead address for minutes; say so at once instead.
+        if not address_answers(address, timeout_s=5):
+            raise ClusterError(f"no Ray cluster answers at {address}; see `raylm cluster status`")
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what happens

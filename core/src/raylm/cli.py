@@ -84,6 +84,7 @@ def _deployment_name(model_name: str) -> str:
     "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
 )
 @click.option("--detach", is_flag=True, help="Return once serving; stop later with `raylm stop NAME`.")
+@click.option("--replace", is_flag=True, help="Stop a running deployment of the same name first.")
 def serve_command(
     model: str | None,
     engine_args: tuple[str, ...],
@@ -98,6 +99,7 @@ def serve_command(
     python_path: str | None,
     env_pairs: tuple[str, ...],
     detach: bool,
+    replace: bool,
     **kwargs: Any,
 ) -> None:
     """Serve MODEL (a path or hub id) with its ENGINE_ARGS, or the models of a deployment file.
@@ -149,7 +151,7 @@ def serve_command(
             backend_options=backend_options,
         )
     _interrupt_on_stop_signals()
-    running = serve(plan, progress=echo_progress, registry=registry)
+    running = serve(plan, progress=echo_progress, registry=registry, replace=replace)
     click.echo(f"{running.url}/v1")
     if detach:
         echo_progress(f"detached; `raylm status {running.name}` shows it, `raylm stop {running.name}` stops it")
@@ -304,12 +306,16 @@ def add_backend_options(registry: Registry) -> None:
                 if option.name in present:
                     continue
                 present.add(option.name)
-                flag = "--" + option.name.replace("_", "-")
-                command.params.append(
-                    click.Option(
-                        [flag, option.name], type=option.type, default=None, help=f"[{spec.name}] {option.help}"
-                    )
-                )
+                command.params.append(click_option(option, spec.name))
+
+
+def click_option(option: Any, backend: str) -> click.Option:
+    """The command-line form of a BackendOption: `--NAME VALUE`, or a flag for a bool option."""
+    flag = "--" + option.name.replace("_", "-")
+    help_text = f"[{backend}] {option.help}"
+    if option.type is bool:
+        return click.Option([flag, option.name], is_flag=True, default=None, help=help_text)
+    return click.Option([flag, option.name], type=option.type, default=None, help=help_text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,27 @@
 """Hook implementations of raylm-cai. Imports nothing heavy."""
 
 import raylm
+from raylm.specs import BackendOption
+
+# Where to reach CML: shared by the backend and `raylm cai deploy`.
+CONNECTION_OPTIONS = (
+    BackendOption("cml_url", "CML workbench URL, e.g. https://ml-xxxx.cloudera.site (or RAYLM_CML_URL)"),
+    BackendOption("project", "CML project id or name (or RAYLM_CML_PROJECT; inside CML: this project)"),
+    BackendOption("api_key_file", "file holding a CML API v2 key (or RAYLM_CML_API_KEY; inside CML: CDSW_APIV2_KEY)"),
+    BackendOption("runtime_identifier", "ML Runtime image of the applications, as `GET /api/v2/runtimes` lists it"),
+)
+CLUSTER_OPTIONS = (
+    BackendOption("workers", "Ray worker nodes, each a CML application (default 0)", default=0, type=int),
+    BackendOption("head_cpu", "CPUs of the head application", default=2.0, type=float),
+    BackendOption("head_memory", "memory of the head application, GB", default=8.0, type=float),
+    BackendOption("head_gpu", "NVIDIA GPUs of the head application", default=0, type=int),
+    BackendOption("worker_cpu", "CPUs of each worker application", default=4.0, type=float),
+    BackendOption("worker_memory", "memory of each worker application, GB", default=16.0, type=float),
+    BackendOption("worker_gpu", "NVIDIA GPUs of each worker application", default=0, type=int),
+    BackendOption("start_timeout", "seconds to wait for the applications to run", default=900, type=int),
+    BackendOption("keep_on_failure", "keep the applications a failed `up` created, to debug them", type=bool),
+    BackendOption("bypass_authentication", "let anyone reach the applications' URLs without logging in", type=bool),
+)
 
 
 @raylm.hookimpl
@@ -11,7 +32,7 @@ def raylm_backends():
         name="cai",
         description="Ray head and workers as Cloudera ML applications",
         backend_class=CAIBackend,
-        unavailable_reason="not implemented yet",
+        options=CONNECTION_OPTIONS + CLUSTER_OPTIONS,
     )
 
 
@@ -19,3 +40,10 @@ def raylm_backends():
 def raylm_default_backend(environ):
     # Inside a CML workload (session, job or application) CML sets the project id.
     return "cai" if environ.get("CDSW_PROJECT_ID") else None
+
+
+@raylm.hookimpl
+def raylm_cli(cli):
+    from raylm_cai.commands import cai_group
+
+    cli.add_command(cai_group)
