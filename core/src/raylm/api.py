@@ -313,10 +313,10 @@ def _hand_over_cluster(record: dict[str, Any]) -> bool:
 
 
 def _delete_apps(record: dict[str, Any], backend: Backend, progress: Progress) -> None:
+    connect_ray(record["address"], backend.client_environment())  # first: it sets Ray's environment
     import ray
     from ray import serve
 
-    connect_ray(record["address"], backend.client_environment())
     router_app, model_apps = record["apps"][0], record["apps"][1:]
     try:
         # Models first and together (each replica stops its engine), so they can deregister from the router.

@@ -76,7 +76,10 @@ class Backend(ABC):
 
 
 def connect_ray(address: str, environment: Mapping[str, str]) -> None:
-    """Connect this process to the cluster at `address` as a Ray driver (once; later calls keep the connection)."""
+    """Connect this process to the cluster at `address` as a Ray driver (once; later calls keep the connection).
+
+    Call it before importing `ray` elsewhere: Ray reads settings such as its authentication mode at import.
+    """
     import os
 
     # Ray reads its authentication settings from the environment when it starts its client.

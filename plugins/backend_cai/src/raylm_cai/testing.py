@@ -126,6 +126,12 @@ class Faults:
         with self._lock:
             self._failing_apps.append(re.compile(name_pattern))
 
+    def clear(self) -> None:
+        """Forget every fault not yet used."""
+        with self._lock:
+            self._rules.clear()
+            self._failing_apps.clear()
+
     def injected_status(self, method: str, path: str) -> int | None:
         with self._lock:
             for rule in self._rules:
@@ -180,7 +186,7 @@ class FakeCML:
         self._runs: dict[str, dict[str, Any]] = {}
         self._workloads: dict[str, _Workload] = {}  # by application or run id
         # Pods get a short private /tmp (Unix socket paths must stay under 108 bytes).
-        self._tmp_root = Path("/tmp") / f"fakecml-{secrets.token_hex(3)}"
+        self.pod_tmp_root = Path("/tmp") / f"fakecml-{secrets.token_hex(3)}"
         self._closing = threading.Event()
         self._request_key = threading.local()
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
@@ -240,7 +246,7 @@ class FakeCML:
         """Pids of every live process started for a workload of this fake (its "pods")."""
         import psutil
 
-        marker = str(self._tmp_root)
+        marker = str(self.pod_tmp_root)
         pids = []
         for process in psutil.process_iter():
             try:
@@ -628,7 +634,7 @@ class FakeCML:
 
     def _environment(self, project: Mapping[str, Any], workload: _Workload, api_key: str) -> dict[str, str]:
         folder = self.project_dir(project["id"])
-        tmp = self._tmp_root / workload.engine_id[:8]
+        tmp = self.pod_tmp_root / workload.engine_id[:8]
         tmp.mkdir(parents=True, exist_ok=True)
         return {
             "PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin",
@@ -673,7 +679,7 @@ class FakeCML:
             workload = self._workloads.pop(workload_id, None)
         if workload is None or workload.process is None:
             return
-        marker = f"{self._tmp_root}/{workload.engine_id[:8]}"
+        marker = f"{self.pod_tmp_root}/{workload.engine_id[:8]}"
         members = []
         for process in psutil.process_iter():
             try:

@@ -1,0 +1,179 @@
+"""End to end on FakeCML: `raylm cluster up --backend cai` forms a real Ray cluster of CML applications,
+`raylm serve` puts a vLLM model on it, `raylm cluster down` leaves nothing. Real Ray, vLLM, HTTP, OpenAI client."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import API_KEY, RUNTIME
+from raylm.server_process import free_port
+
+RAYLM = str(Path(sys.executable).parent / "raylm")
+SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
+SIZES += ["--runtime-identifier", RUNTIME]
+TINY_ARGS = ["--max-model-len", "512", "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20)]
+
+pytestmark = pytest.mark.engine
+
+
+class Console:
+    """Runs raylm commands and keeps everything they printed, to search it for secrets."""
+
+    def __init__(self):
+        self.output = []
+
+    def __call__(self, *args, env, timeout=900):
+        done = subprocess.run(
+            [RAYLM, *args], env=env, cwd=env["HOME"], capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.output += [done.stdout, done.stderr]
+        return done
+
+
+@pytest.fixture
+def raylm():
+    return Console()
+
+
+def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, raylm):
+    started = time.monotonic()
+    done = raylm(
+        "cluster", "up", "--backend", "cai", "--workers", "2", *SIZES, env={**session_env, "CDSW_APIV2_KEY": "x"}
+    )
+    assert done.returncode == 1
+    assert time.monotonic() - started < 30
+    assert done.stderr.strip().splitlines() == [
+        "raylm: error: CML refused the API key (invalid or expired API key): it is wrong or expired; "
+        "create an API v2 key in User Settings"
+    ]
+    assert cml.applications() == []
+
+
+def test_up_from_outside_cml_says_where_to_run_it(cml, project, raylm, tmp_path):
+    laptop = {
+        "PATH": session_path(),
+        "HOME": str(tmp_path),
+        "RAYLM_CML_URL": cml.url,
+        "RAYLM_CML_PROJECT": "demo",
+        "RAYLM_CML_API_KEY": API_KEY,
+    }
+    done = raylm("cluster", "up", "--backend", "cai", *SIZES, env=laptop)
+    assert done.returncode == 1
+    assert "run this in a CML session or job of that project, or use `raylm cai deploy`" in done.stderr
+    assert cml.applications() == []
+    assert raylm("cluster", "status", "--backend", "cai", env=laptop).stdout.strip() == "no such cluster running"
+
+
+def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env, raylm):
+    cml.faults.fail_applications(r"-worker-2$")
+    try:
+        done = raylm(
+            "cluster", "up", "--backend", "cai", "--cluster", "broken", "--workers", "2", *SIZES, env=session_env
+        )
+    finally:
+        cml.faults.clear()
+    assert done.returncode == 1
+    assert "raylm: error: application raylm-broken-worker-2 is failed: see its logs in CML" in done.stderr
+    assert "deleting the applications created" in done.stderr
+    assert cml.applications() == []
+    assert cml.pod_processes() == []
+
+
+def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llama):
+    # CML answers 503, then 429, to the first application create: retried, and `up` still succeeds.
+    cml.faults.fail_requests("POST", r"/applications$", 503)
+    cml.faults.fail_requests("POST", r"/applications$", 429)
+    up = raylm(
+        "cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, "--json", env=session_env
+    )
+    assert up.returncode == 0, up.stderr
+    cluster = json.loads(up.stdout)
+    assert (cluster["nodes_alive"], cluster["nodes_expected"]) == (3, 3)
+    assert cluster["dashboard_url"].startswith("http://raylm-main-head-")
+    assert sorted(cluster["applications"]) == ["raylm-main-head", "raylm-main-worker-1", "raylm-main-worker-2"]
+    assert all(app["bypass_authentication"] is False for app in cml.applications())
+    assert "Ray reports 3 nodes alive" in up.stderr
+
+    token_file = Path(session_env["HOME"]) / ".raylm/cai/main/token"
+    head_ip = cluster["address"].rpartition(":")[0]
+    node_ips = ray_node_ips(cluster["address"], session_env, token_file)
+    assert len(set(node_ips)) == 3 and head_ip in node_ips and "127.0.0.1" not in node_ips
+    refused = ray_node_ips(cluster["address"], session_env, token_file=None)
+    assert refused is None, "a driver without the cluster's token must be refused"
+
+    again = raylm("cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, env=session_env)
+    assert again.returncode == 0 and "creating application" not in again.stderr  # idempotent
+
+    port = free_port("127.0.0.1")
+    serve = ["serve", str(tiny_llama), "--name", "tiny", "--backend", "cai", "--cluster", "main"]
+    served = raylm(*serve, "--port", str(port), "--detach", *TINY_ARGS, env=session_env)
+    assert served.returncode == 0, served.stderr
+    url = served.stdout.strip().splitlines()[-1]
+    assert url == f"http://{head_ip}:{port}/v1"  # the router listens on the head node, at its cluster IP
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    completion = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
+    assert completion.usage.completion_tokens == 8
+    stream = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+
+    secrets = {"API key": API_KEY, "Ray token": token_file.read_text().strip()}
+    assert_not_in_command_lines(secrets)
+
+    status = raylm("status", "tiny", "--json", env=session_env)
+    assert json.loads(status.stdout)[0]["ready"] is True
+    assert raylm("stop", "tiny", env=session_env).returncode == 0
+
+    scaled = raylm("cluster", "scale", "--backend", "cai", "--cluster", "main", "--workers", "1", env=session_env)
+    assert scaled.returncode == 0, scaled.stderr
+    assert sorted(app["name"] for app in cml.applications()) == ["raylm-main-head", "raylm-main-worker-1"]
+
+    down = raylm("cluster", "down", "--backend", "cai", "--cluster", "main", env=session_env)
+    assert down.returncode == 0, down.stderr
+    assert cml.applications() == []
+    assert cml.pod_processes() == []
+    assert not token_file.exists()
+    assert_not_in_files(secrets, raylm.output, [cml.root / "logs", cml.pod_tmp_root])
+
+
+def session_path():
+    return str(Path(sys.executable).parent) + ":/usr/bin:/bin"
+
+
+def ray_node_ips(address, session_env, token_file):
+    """The IPs of the nodes Ray reports alive, asked by a driver of our own (None when Ray refuses it)."""
+    code = (
+        "import json, sys, ray\n"
+        "ray.init(address=sys.argv[1], log_to_driver=False)\n"
+        "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))\n"
+    )
+    auth = {"RAY_AUTH_MODE": "token", **({"RAY_AUTH_TOKEN_PATH": str(token_file)} if token_file else {})}
+    done = subprocess.run(
+        [sys.executable, "-c", code, address], env={**session_env, **auth}, capture_output=True, text=True, timeout=120
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+
+
+def assert_not_in_command_lines(secrets):
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or ())
+        for what, value in secrets.items():
+            assert value not in command, f"the {what} is in the command line of process {process.pid}"
+
+
+def assert_not_in_files(secrets, outputs, folders):
+    for what, value in secrets.items():
+        assert not any(value in text for text in outputs), f"the {what} was printed"
+        for folder in folders:
+            for path in folder.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    assert value.encode() not in path.read_bytes(), f"the {what} is in {path}"
