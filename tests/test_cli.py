@@ -35,7 +35,7 @@ def test_plugins_table_shows_every_plugin_and_its_status():
     assert rows["raylm-vllm"].endswith("ok") and "engine vllm" in rows["raylm-vllm"]
     # SGLang runs from an environment of its own, so here its runtime is missing:
     assert rows["raylm-sglang"].endswith("missing sglang (pip install 'raylm-sglang[sglang]')")
-    assert "failed: backend 'cai': not implemented yet" in rows["raylm-cai"]
+    assert rows["raylm-cai"].endswith("ok") and "backend cai" in rows["raylm-cai"]
 
 
 def test_plugins_json_has_the_documented_keys():
@@ -44,7 +44,7 @@ def test_plugins_json_has_the_documented_keys():
     assert set(records["raylm-vllm"]) == {"name", "version", "entry_point", "engines", "backends", "status", "error"}
     assert records["raylm-vllm"]["entry_point"] == "vllm = raylm_vllm.plugin"
     assert records["raylm-vllm"]["engines"] == ["vllm"] and records["raylm-vllm"]["status"] == "ok"
-    assert records["raylm-cai"]["status"] == "failed"
+    assert records["raylm-cai"]["status"] == "ok"
 
 
 def assert_one_line_error(code, stderr, *fragments):
@@ -72,9 +72,9 @@ def test_unknown_backend(tiny_model, tmp_home):
     assert_one_line_error(code, err, "unknown backend 'nope'", "installed backends: cai, env, local")
 
 
-def test_unavailable_backend(tiny_model, tmp_home):
+def test_cml_backend_outside_cml_without_settings(tiny_model, tmp_home):
     code, _, err, _ = run_raylm("serve", str(tiny_model), "--backend", "cai", env=tmp_home)
-    assert_one_line_error(code, err, "backend 'cai' from raylm-cai cannot be used: not implemented yet")
+    assert_one_line_error(code, err, "no CML workbench URL: pass --cml-url", "RAYLM_CML_URL")
 
 
 def test_engine_not_installed_here(tiny_model, tmp_home):

@@ -118,8 +118,8 @@ def serve(
     backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
     if backend.head_is_local:
         check_port_free(plan.host, plan.port)
+    owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
     engines = _prepare_engines(plan, registry, progress)
-    owns_cluster = backend.status() is None
     try:
         cluster = backend.up(progress)
     except BaseException:  # e.g. Ctrl-C while the head starts: stop what was started

@@ -1,10 +1,9 @@
 """Fixtures of the cai tests: a FakeCML per module, and what a CML session of its project sees."""
 
 import pytest
+from cai_setup import API_KEY
 
-from raylm_cai.testing import DEFAULT_RUNTIME, FakeCML
-
-API_KEY = "fake-cml-api-key-0123456789"
+from raylm_cai.testing import FakeCML
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +28,3 @@ def client(cml):
     from raylm_cai.client import CMLClient
 
     return CMLClient(cml.url, API_KEY, backoff_s=0.05)
-
-
-RUNTIME = DEFAULT_RUNTIME

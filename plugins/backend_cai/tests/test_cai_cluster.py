@@ -9,31 +9,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cai_setup import API_KEY, RUNTIME, Console, session_path
 
-from conftest import API_KEY, RUNTIME
 from raylm.server_process import free_port
 
-RAYLM = str(Path(sys.executable).parent / "raylm")
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
 TINY_ARGS = ["--max-model-len", "512", "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20)]
 
 pytestmark = pytest.mark.engine
-
-
-class Console:
-    """Runs raylm commands and keeps everything they printed, to search it for secrets."""
-
-    def __init__(self):
-        self.output = []
-
-    def __call__(self, *args, env, timeout=900):
-        done = subprocess.run(
-            [RAYLM, *args], env=env, cwd=env["HOME"], capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.output += [done.stdout, done.stderr]
-        return done
 
 
 @pytest.fixture
@@ -143,10 +127,6 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     assert cml.pod_processes() == []
     assert not token_file.exists()
     assert_not_in_files(secrets, raylm.output, [cml.root / "logs", cml.pod_tmp_root])
-
-
-def session_path():
-    return str(Path(sys.executable).parent) + ":/usr/bin:/bin"
 
 
 def ray_node_ips(address, session_env, token_file):

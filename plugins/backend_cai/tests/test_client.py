@@ -1,8 +1,8 @@
 """The CML API client against the real HTTP of FakeCML: settings, retries, paging, errors."""
 
 import pytest
+from cai_setup import API_KEY, RUNTIME
 
-from conftest import API_KEY, RUNTIME
 from raylm_cai.client import CMLClient, CMLError, CMLSettings
 
 

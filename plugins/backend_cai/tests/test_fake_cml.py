@@ -6,8 +6,8 @@ import time
 
 import psutil
 import pytest
+from cai_setup import RUNTIME
 
-from conftest import RUNTIME
 from raylm_cai.client import CMLError
 
 # An application: answers HTTP on CDSW_APP_PORT and records the environment CML gave it.
