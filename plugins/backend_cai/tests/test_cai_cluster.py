@@ -27,9 +27,8 @@ def raylm():
 
 def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, raylm):
     started = time.monotonic()
-    done = raylm(
-        "cluster", "up", "--backend", "cai", "--workers", "2", *SIZES, env={**session_env, "CDSW_APIV2_KEY": "x"}
-    )
+    # No --backend: inside a CML workload the default backend is cai.
+    done = raylm("cluster", "up", "--workers", "2", *SIZES, env={**session_env, "CDSW_APIV2_KEY": "x"})
     assert done.returncode == 1
     assert time.monotonic() - started < 30
     assert done.stderr.strip().splitlines() == [

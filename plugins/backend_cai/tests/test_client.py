@@ -108,3 +108,8 @@ def test_projects_are_found_by_id_or_exact_name(cml, project, client):
 
 def test_client_sends_no_field_cml_would_drop(cml):
     assert cml.unknown_fields == []
+
+
+def test_inside_a_cml_workload_the_default_backend_is_cai(installed_registry):
+    assert installed_registry.default_backend({"CDSW_PROJECT_ID": "ab12-cd34-ef56-gh78"}) == "cai"
+    assert installed_registry.default_backend({}) == "local"
