@@ -34,6 +34,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import secrets
 import shlex
@@ -84,10 +85,20 @@ def _cml_id() -> str:
     return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(4))
 
 
+# Ports for CDSW_APP_PORT and the like: below the kernel's ephemeral range (32768+), where an outgoing
+# connection could take one before the workload binds it, and apart from raylm-local's 20000-29999.
+POD_PORTS = range(10000, 20000)
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    for port in random.sample(POD_PORTS, 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for a pod")
 
 
 class APIError(Exception):
