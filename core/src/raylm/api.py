@@ -177,6 +177,16 @@ def _refuse_running_duplicate(name: str) -> None:
     )
 
 
+def _serve_api() -> Any:
+    """Ray Serve's API, its logger quieted: our progress lines say what happens."""
+    import logging
+
+    from ray import serve
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # set after import: importing Serve resets it
+    return serve
+
+
 def _deploy(
     plan: ServePlan,
     engines: list[Engine],
@@ -185,7 +195,7 @@ def _deploy(
     progress: Progress,
     ready_timeout_s: float,
 ) -> None:
-    from ray import serve
+    serve = _serve_api()
 
     from raylm.serving.replicas import HEAD_NODE_RESOURCE, ModelReplica, RouterReplica
 
@@ -315,8 +325,8 @@ def _hand_over_cluster(record: dict[str, Any]) -> bool:
 def _delete_apps(record: dict[str, Any], backend: Backend, progress: Progress) -> None:
     connect_ray(record["address"], backend.client_environment())  # first: it sets Ray's environment
     import ray
-    from ray import serve
 
+    serve = _serve_api()
     router_app, model_apps = record["apps"][0], record["apps"][1:]
     try:
         # Models first and together (each replica stops its engine), so they can deregister from the router.

@@ -93,4 +93,3 @@ def connect_ray(address: str, environment: Mapping[str, str]) -> None:
         if not address_answers(address, timeout_s=5):
             raise ClusterError(f"no Ray cluster answers at {address}; see `raylm cluster status`")
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, namespace="raylm")
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # our progress lines say what happens
