@@ -99,6 +99,7 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     assert served.returncode == 0, served.stderr
     url = served.stdout.strip().splitlines()[-1]
     assert url == f"http://{head_ip}:{port}/v1"  # the router listens on the head node, at its cluster IP
+    assert len(cml.applications()) == 3  # serving on the cluster kept its workers
 
     from openai import OpenAI
 

@@ -126,8 +126,8 @@ class CAIBackend(Backend):
     # -- lifecycle -------------------------------------------------------------------
 
     def up(self, progress: Progress) -> ClusterStatus:
-        workers = self.options.get("workers") or 0
-        return self._converge(workers, progress, starting=True)
+        # Without --workers, a running cluster keeps its workers (e.g. when `raylm serve` connects to it).
+        return self._converge(self.options.get("workers"), progress, starting=True)
 
     def scale(self, workers: int, progress: Progress) -> ClusterStatus:
         if workers < 0:
@@ -143,13 +143,16 @@ class CAIBackend(Backend):
         self.options["runtime_identifier"] = self.options.get("runtime_identifier") or head.get("runtime_identifier")
         return self._converge(workers, progress, starting=False)
 
-    def _converge(self, workers: int, progress: Progress, starting: bool) -> ClusterStatus:
-        """Make the cluster a running head and exactly `workers` running workers, then wait for Ray.
+    def _converge(self, workers: int | None, progress: Progress, starting: bool) -> ClusterStatus:
+        """Make the cluster a running head and exactly `workers` running workers (None: as many as it has now),
+        then wait for Ray.
 
         Applications that run are kept, failed or stopped ones restarted, missing ones created; on any
         failure the applications created here are deleted again (unless keep_on_failure).
         """
         current = self._applications()
+        if workers is None:
+            workers = sum(1 for name in current if "-worker-" in name)
         folder = self._folder(required=starting or self._head_name() not in current)
         created: list[dict[str, Any]] = []
         try:

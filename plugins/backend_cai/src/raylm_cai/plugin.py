@@ -11,7 +11,9 @@ CONNECTION_OPTIONS = (
     BackendOption("runtime_identifier", "ML Runtime image of the applications, as `GET /api/v2/runtimes` lists it"),
 )
 CLUSTER_OPTIONS = (
-    BackendOption("workers", "Ray worker nodes, each a CML application (default 0)", default=0, type=int),
+    BackendOption(
+        "workers", "Ray worker nodes, each a CML application (default: 0, or as many as the cluster has)", type=int
+    ),
     BackendOption("head_cpu", "CPUs of the head application", default=2.0, type=float),
     BackendOption("head_memory", "memory of the head application, GB", default=8.0, type=float),
     BackendOption("head_gpu", "NVIDIA GPUs of the head application", default=0, type=int),
