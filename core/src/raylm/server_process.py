@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
-from raylm.errors import ConfigError, DeploymentError
+from raylm.errors import ClusterError, ConfigError, DeploymentError
 
 PR_SET_PDEATHSIG = 1
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
@@ -39,6 +40,22 @@ def free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def free_port_in(ports: range, host: str = "127.0.0.1") -> int:
+    """A port of `ports` nothing listens on now, tried in random order.
+
+    For ports bound some time after they are picked: a range below the kernel's ephemeral one
+    (32768-60999 on Linux) cannot be taken meanwhile by an outgoing connection.
+    """
+    for port in random.sample(ports, min(50, len(ports))):
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free port between {ports.start} and {ports.stop - 1} on {host}")
 
 
 # Ray sets these in every worker from its CPU reservation (OMP_NUM_THREADS=1 for a 1-CPU replica):

@@ -34,12 +34,10 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import re
 import secrets
 import shlex
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -54,6 +52,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from raylm.server_process import free_port_in
 
 DEFAULT_RUNTIME = (
     "docker.repository.cloudera.com/cloudera/cdsw/ml-runtime-pbj-workbench-python3.11-standard:2025.09.1-b5"
@@ -86,19 +86,13 @@ def _cml_id() -> str:
 
 
 # Ports for CDSW_APP_PORT and the like: below the kernel's ephemeral range (32768+), where an outgoing
-# connection could take one before the workload binds it, and apart from raylm-local's 20000-29999.
-POD_PORTS = range(10000, 20000)
+# connection could take one before the workload binds it, and apart from what a Ray node on the same
+# host uses (10001, worker ports 10002-19999) and from raylm-local's 20000-29999.
+POD_PORTS = range(30000, 32768)
 
 
 def _free_port() -> int:
-    for port in random.sample(POD_PORTS, 50):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port for a pod")
+    return free_port_in(POD_PORTS)
 
 
 class APIError(Exception):

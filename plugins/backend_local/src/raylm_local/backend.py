@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ from pathlib import Path
 
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
-from raylm.server_process import address_answers
+from raylm.server_process import address_answers, free_port_in
 from raylm.state import Records, raylm_home
 
 CLUSTERS = Records("clusters/local")
@@ -22,21 +20,12 @@ START_TIMEOUT_S = 120
 STOP_GRACE_S = 15
 
 
-# Ray binds these ports some time after we pick them. Ports from the kernel's ephemeral range
-# (32768-60999 on Linux) can be taken meanwhile by any outgoing connection; these cannot.
+# Ray binds these ports some time after we pick them: below the ephemeral range, apart from Ray's defaults.
 RAY_PORT_RANGE = range(20000, 30000)
 
 
 def free_port() -> int:
-    """A port below the ephemeral range that nothing listens on now."""
-    for port in random.sample(RAY_PORT_RANGE, 50):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise ClusterError(f"no free port between {RAY_PORT_RANGE.start} and {RAY_PORT_RANGE.stop} for the Ray head")
+    return free_port_in(RAY_PORT_RANGE)
 
 
 def ray_temp_dir(home: Path, cluster: str) -> Path:
