@@ -3,7 +3,7 @@
 It speaks HTTP/1.1 over keep-alive asyncio connections itself (no client
 library), so on a 2-core machine it takes as little CPU as possible from the
 servers being compared. TTFT is the time from sending a request to the first
-SSE event that carries text.
+SSE event that carries a token.
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ class LoadResult:
         return 1000 * ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
 
 
-def carries_text(chunk: bytes) -> bool:
-    """Whether an SSE chunk holds generated text (vLLM's first event is often empty)."""
-    for key in (b'"text":"', b'"content":"'):
-        at = chunk.find(key)
-        if at >= 0 and chunk[at + len(key) : at + len(key) + 1] != b'"':
-            return True
-    return False
+def carries_token(chunk: bytes) -> bool:
+    """Whether an SSE chunk holds a generated token: a completion choice, even one whose text is empty.
+
+    A token can decode to "" (a byte-fallback token that does not finish a UTF-8 character): the tiny
+    random model emits ~20 of those before its first printable text, so "first text" would measure
+    the 20th token, not the first.
+    """
+    return b'"text":' in chunk
 
 
 class Connection:
@@ -50,7 +51,7 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def stream_completion(self, path: str, payload: dict) -> float | None:
-        """Send one streaming request; return seconds to the first text event, None on error."""
+        """Send one streaming request; return seconds to the first token event, None on error."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         body = json.dumps(payload).encode()
@@ -75,7 +76,7 @@ class Connection:
                     await self.reader.readline()
                     break
                 chunk = await self.reader.readexactly(size + 2)
-                if first_token is None and carries_text(chunk):
+                if first_token is None and carries_token(chunk):
                     first_token = time.perf_counter() - start
                 done = done or b"data: [DONE]" in chunk
         else:
