@@ -8,7 +8,7 @@ import psutil
 import pytest
 from cai_setup import RUNTIME
 
-from raylm_cai.client import CMLError
+from raylm_cai.client import CMLClient, CMLError
 
 # An application: answers HTTP on CDSW_APP_PORT and records the environment CML gave it.
 APP_SCRIPT = """
@@ -163,3 +163,16 @@ def test_a_git_project_is_cloned(cml, client, tmp_path):
     assert project["creation_status"] == "creating"
     wait_status(client, f"projects/{project['id']}", {"success"}, key="creation_status")
     assert (cml.project_dir(project["id"]) / "hello.txt").read_text() == "hi\n"
+
+
+def test_closing_the_fake_ends_its_pods_and_removes_their_tmp(tmp_path):
+    from raylm_cai.testing import FakeCML
+
+    with FakeCML(tmp_path) as fake:
+        project = fake.create_project("short-lived")
+        (fake.project_dir(project["id"]) / "app.py").write_text(APP_SCRIPT)
+        client = CMLClient(fake.url, fake.api_keys[0])
+        create_app(client, project, "lingering")
+        assert fake.pod_processes()
+    assert fake.pod_processes() == []
+    assert not fake.pod_tmp_root.exists()

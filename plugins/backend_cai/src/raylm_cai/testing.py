@@ -37,6 +37,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import string
 import subprocess
@@ -214,7 +215,7 @@ class FakeCML:
         self.close()
 
     def close(self) -> None:
-        """Stop every workload, then the server."""
+        """Stop every workload, then the server; remove the pods' private /tmp folders."""
         self._closing.set()
         with self._lock:
             ids = list(self._workloads)
@@ -222,6 +223,7 @@ class FakeCML:
             self._end_workload(workload_id)
         self._server.shutdown()
         self._server.server_close()
+        shutil.rmtree(self.pod_tmp_root, ignore_errors=True)
 
     @property
     def domain(self) -> str:
