@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from raylm.serving import router as router_module
 from raylm.serving.router import Router, RouteTable
 
 
@@ -46,7 +47,7 @@ class FakeEngine:
 
     async def completions(self, request: Request):
         body = await request.json()
-        self.requests.append({"body": body, "headers": dict(request.headers)})
+        self.requests.append({"body": body, "headers": dict(request.headers), "client_port": request.client.port})
         if body.get("max_tokens") == -1:
             return JSONResponse({"error": {"message": "max_tokens must be positive", "code": 400}}, status_code=400)
         if body.get("max_tokens") == -2:  # SGLang's (and old vLLM's) error shape
@@ -261,3 +262,57 @@ def test_no_reachable_replica_is_a_503(router):
 def test_silent_replicas_expire(router):
     router.call(router.table.expire, -1.0)
     assert post(router, {"model": "beta"}).json()["error"]["code"] == "model_starting"
+
+
+class ClosingEngine:
+    """Answers the first request on each connection, then closes the connection on the next one without
+    answering: what an engine's keep-alive timeout does when its close crosses a request in flight."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer_once, args=(connection,), daemon=True).start()
+
+    def answer_once(self, connection):
+        with connection, connection.makefile("rb") as reader:
+            length = 0
+            while (line := reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            reader.read(length)
+            body = json.dumps({"served_by": f"connection {self.connections}"}).encode()
+            connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            reader.read(1)  # the next request arrives: close without answering
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_request_crossing_the_close_of_an_idle_engine_connection_is_resent():
+    engine = ClosingEngine()
+    with RouterThread(["gamma"]) as router, httpx.Client(timeout=10) as client:
+        router.call(router.table.register, "gamma", engine.url, "g1", None)
+        answers = [client.post(f"{router.url}/v1/completions", json={"model": "gamma"}) for _ in range(3)]
+    engine.close()
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert [a.json()["served_by"] for a in answers] == ["connection 1", "connection 2", "connection 3"]
+
+
+def test_connections_idle_too_long_are_not_reused(router, engines, monkeypatch):
+    monkeypatch.setattr(router_module, "IDLE_REUSE_S", 0.2)
+    with httpx.Client(timeout=10) as client:
+        for pause in (0, 0, 0.4):
+            time.sleep(pause)
+            assert client.post(f"{router.url}/v1/completions", json={"model": "beta"}).status_code == 200
+    ports = [request["client_port"] for request in engines["b1"].requests]
+    assert ports[0] == ports[1] != ports[2], "reused while fresh, replaced once idle too long"

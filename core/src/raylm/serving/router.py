@@ -43,6 +43,10 @@ HOP_BY_HOP = {
     b"content-length",
 }
 MODEL_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings"}
+# An engine server closes keep-alive connections idle for a while (uvicorn, under vLLM and SGLang:
+# 5 s). Reusing one just as it closes loses the request, so idle connections are reused only while
+# well inside that time; an older one is closed and a new one opened.
+IDLE_REUSE_S = 2.0
 
 
 def reason(status: int) -> str:
@@ -108,6 +112,15 @@ class Upstream:
         for connection in list(self.idle):
             connection.transport.close()
         self.idle.clear()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection, unless the engine may be about to time it out."""
+        while self.idle:
+            connection = self.idle.pop()  # the newest: if it is too old, so are the rest
+            if time.monotonic() - connection.idle_since < IDLE_REUSE_S:
+                return connection
+            connection.transport.close()
+        return None
 
 
 class RouteTable:
@@ -192,6 +205,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.piping = False  # headers seen, status < 400: bytes go straight to the client
         self.held = bytearray()  # raw bytes held until the status is known, or of a whole error response
         self.error_body: bytearray | None = None
+        self.request = b""  # the request in flight, kept to resend it if the engine closes before answering
+        self.reused = False  # whether the request in flight went out on a connection that had been idle
+        self.idle_since = 0.0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -248,13 +264,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.held.clear()
         self.error_body = None
         if keep_alive:
-            self.upstream.idle.append(self)
+            self.park()
         else:
             self.transport.close()
         client.response_finished(self)
 
-    def send(self, client: ClientConnection, request: bytes) -> None:
+    def park(self) -> None:
+        self.idle_since = time.monotonic()
+        self.upstream.idle.append(self)
+
+    def send(self, client: ClientConnection, request: bytes, reused: bool) -> None:
         self.client = client
+        self.request = request
+        self.reused = reused
         self.transport.write(request)
 
 
@@ -354,6 +376,9 @@ class ClientConnection(asyncio.Protocol):
             # Part of the response is out; the only honest signal left is closing the connection.
             if self.transport is not None:
                 self.transport.close()
+        elif connection.reused and self.transport is not None:
+            # The engine closed an idle connection as our request crossed it: it never saw the request.
+            self.router.forward(self, connection.upstream, connection.request, retries=0, reuse=False)
         else:
             self.reply(
                 502, error_body(502, f"the engine serving model {connection.upstream.model!r} closed the connection")
@@ -437,12 +462,14 @@ class Router:
         head.append(b"content-length: %d\r\n\r\n" % len(body))
         self.forward(client, upstream, b"".join(head) + body, retries=1)
 
-    def forward(self, client: ClientConnection, upstream: Upstream, request: bytes, retries: int) -> None:
+    def forward(
+        self, client: ClientConnection, upstream: Upstream, request: bytes, retries: int, reuse: bool = True
+    ) -> None:
         upstream.in_flight += 1
-        if upstream.idle:
-            connection = upstream.idle.pop()
+        connection = upstream.take_idle() if reuse else None
+        if connection is not None:
             client.upstream_connection = connection
-            connection.send(client, request)
+            connection.send(client, request, reused=True)
             return
         self.loop.create_task(self._connect_and_send(client, upstream, request, retries))
 
@@ -472,10 +499,10 @@ class Router:
             return
         if client.transport is None:  # the client left while we connected
             upstream.in_flight -= 1
-            upstream.idle.append(connection)
+            connection.park()
             return
         client.upstream_connection = connection
-        connection.send(client, request)
+        connection.send(client, request, reused=False)
 
 
 def parse_upstream(text: str) -> tuple[str, str]:
