@@ -13,7 +13,7 @@ import pytest
 from raylm.errors import ClusterError
 from raylm.testing.contracts import BackendContract
 from raylm.testing.processes import processes_matching
-from raylm_local.backend import CLUSTERS, LocalBackend
+from raylm_local.backend import CLUSTERS, EMBEDDED_HEAD_ENVIRONMENT, LocalBackend
 
 
 class TestLocalBackend(BackendContract):
@@ -36,6 +36,36 @@ def running_head(raylm_home):
     head = LocalBackend({"cluster": "existing", "num_cpus": 2})
     yield head.up(print)
     head.down(print)
+
+
+WORKER_SETTINGS = """
+import json, os, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+keys = json.loads(sys.argv[2])
+@ray.remote
+def settings():
+    return {"niceness": os.nice(0), "environment": {key: os.environ.get(key) for key in keys}}
+print(json.dumps(ray.get(settings.remote())))
+"""
+
+
+def test_the_embedded_head_runs_workers_with_its_settings_and_the_environment_wins(raylm_home, monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.3")
+    head = LocalBackend({"cluster": "settings", "num_cpus": 2})
+    address = head.up(print).address
+    try:
+        driver = subprocess.run(
+            [sys.executable, "-c", WORKER_SETTINGS, address, json.dumps(list(EMBEDDED_HEAD_ENVIRONMENT))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        head.down(print)
+    assert driver.returncode == 0, driver.stderr
+    seen = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert seen["niceness"] == 0, "Ray's default worker niceness (15) starves the engines"
+    assert seen["environment"] == {**EMBEDDED_HEAD_ENVIRONMENT, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.3"}
 
 
 def test_connecting_by_address_never_stops_that_cluster(running_head):
