@@ -3,8 +3,8 @@
 `ServerEngine` is the base class of such engines (vLLM, SGLang). `ServerProcess`
 starts the server in a session of its own (so stopping it stops every process
 it spawned), asks Linux to stop it if the replica dies (`PR_SET_PDEATHSIG`),
-keeps the last lines of its output for error messages, and waits until its
-health URL answers.
+gives it a temporary folder of its own that goes with it, keeps the last lines
+of its output for error messages, and waits until its health URL answers.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,18 +86,23 @@ class ServerProcess:
     def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None):
         self.name = name
         self.command = list(command)
-        self.env = server_environment(env or {})
+        self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self.temp_dir: Path | None = None
 
     def start(self) -> None:
         LOG_FOLDER.mkdir(parents=True, exist_ok=True)
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        # Engines leave temporary files behind (vLLM its distributed-init file, one per start): they go
+        # in a folder that is removed with the server. Short: engines put Unix sockets in it.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="raylm-engine-"))
+        env = server_environment({"TMPDIR": str(self.temp_dir), **self.extra_env})
         with tempfile.NamedTemporaryFile(dir=LOG_FOLDER, prefix=f"{safe_name}-", suffix=".log", delete=False) as log:
             self.log_path = Path(log.name)
             self.process = subprocess.Popen(
                 self.command,
-                env=self.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -134,8 +140,12 @@ class ServerProcess:
             await asyncio.sleep(0.5)
 
     async def stop(self, grace_s: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
+        if self.process is not None and self.process.poll() is None:
+            await self._end_session(grace_s)
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    async def _end_session(self, grace_s: float) -> None:
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.process.pid, sig)  # the whole session: the server and every process it spawned
