@@ -263,6 +263,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = self.piping = False
         self.held.clear()
         self.error_body = None
+        self.request = b""
         if keep_alive:
             self.park()
         else:
