@@ -145,7 +145,11 @@ def stop(process: subprocess.Popen, graceful: signal.Signals) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # anything left in its session
 
 
-async def measure(name: str, command, env: dict, graceful: signal.Signals, repeats: int, results: dict) -> None:
+async def measure(
+    name: str, command, env: dict, graceful: signal.Signals, repeats: int, results: dict, while_idle=None
+) -> None:
+    """Cold-start one server, then load it; `while_idle()`, if given, runs between warm-up and load
+    and returns more metrics."""
     port = free_port()
     log_path = Path(tempfile.gettempdir()) / f"raylm-bench-{name}.log"
     with open(log_path, "wb") as log:
@@ -155,6 +159,9 @@ async def measure(name: str, command, env: dict, graceful: signal.Signals, repea
             await first_token(port)
             results.setdefault((name, "cold start (s)"), []).append(time.monotonic() - started)
             await run_load(f"http://127.0.0.1:{port}", MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS)
+            if while_idle is not None:
+                for metric, value in (await asyncio.to_thread(while_idle)).items():
+                    results.setdefault((name, metric), []).append(value)
             for _ in range(repeats):
                 for concurrency, requests in LOADS.items():
                     result = await run_load(

@@ -25,7 +25,7 @@ RAY_PORT_RANGE = range(20000, 30000)
 
 # The embedded head shares this machine with the engines, so Ray's own background work is cut to
 # what raylm uses (the environment still wins). On 2 vCPUs this takes Ray's idle CPU from ~14% to
-# ~10% of a core (bench/idle_cpu.py). Nothing reads metrics or task events without the dashboard.
+# ~10% of a core (bench/ray_overhead.py). Nothing reads metrics or task events without the dashboard.
 EMBEDDED_HEAD_ENVIRONMENT = {
     "RAY_worker_niceness": "0",  # Ray's default 15 makes the replicas' engines lose the CPU to anything else
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # default 0.1: the controller was Ray's busiest idle process
