@@ -4,8 +4,9 @@
 
 For each round, each server in turn is cold-started (command start to first
 streamed token), then measured with streaming completions at concurrency 1
-and 16 (`--repeats` times each); only one server runs at a time. The table
-shows medians over all measurements, and the ratios the targets are set in.
+and 16 (`--repeats` times each); only one server runs at a time, and which goes
+first alternates by round. The table shows medians over all measurements with
+their range, and the ratios the targets are set in.
 """
 
 from __future__ import annotations
@@ -191,13 +192,19 @@ def machine() -> str:
     )
 
 
-def report(engine: str, medians: dict) -> None:
+def report(engine: str, results: dict) -> None:
     own, ours = engine, f"raylm+{engine}"
-    print(f"\n{'metric':24} {own:>10} {ours:>13} {'ratio':>7}")
+    medians = {key: median(values) for key, values in results.items()}
+
+    def cell(name: str, metric: str) -> str:
+        values = results[(name, metric)]
+        return f"{medians[(name, metric)]:.1f} [{min(values):.0f}-{max(values):.0f}]"
+
+    print(f"\n{'metric':20} {own:>20} {ours:>20} {'ratio':>6}")
     for metric in dict.fromkeys(m for n, m in medians if n == own):
         print(
-            f"{metric:24} {medians[(own, metric)]:10.1f} {medians[(ours, metric)]:13.1f} "
-            f"{medians[(ours, metric)] / medians[(own, metric)]:7.2f}"
+            f"{metric:20} {cell(own, metric):>20} {cell(ours, metric):>20} "
+            f"{medians[(ours, metric)] / medians[(own, metric)]:6.2f}"
         )
     checks = [
         ("req/s at c=16 >= 0.9x", medians[(ours, "c=16 req/s")] >= 0.9 * medians[(own, "c=16 req/s")]),
@@ -231,18 +238,19 @@ def main() -> None:
                 (engine, partial(setup.own_server, model), setup.env, signal.SIGTERM),
                 (f"raylm+{engine}", partial(setup.through_raylm, engine, model), {"RAYLM_HOME": home}, signal.SIGINT),
             ]
-            for name, command, env, graceful in runs:
+            # Alternate who goes first: the first server of a run starts with colder caches.
+            for name, command, env, graceful in runs if round_index % 2 == 0 else reversed(runs):
                 asyncio.run(measure(name, command, env, graceful, args.repeats, results))
 
-    medians = {key: median(values) for key, values in results.items()}
     print(f"\nmachine: {machine()}")
     print(
         f"model: tiny Llama (2 layers, hidden 128), streaming completions of {MAX_TOKENS} tokens; "
-        f"{args.rounds} cold starts x {args.repeats} load runs per server; medians"
+        f"{args.rounds} cold starts x {args.repeats} load runs per server; medians, and [min-max] over the runs"
     )
     for engine in engines:
-        report(engine, medians)
+        report(engine, results)
     if args.json:
+        medians = {key: median(values) for key, values in results.items()}
         args.json.write_text(json.dumps({f"{n} {m}": v for (n, m), v in medians.items()}, indent=2))
 
 
