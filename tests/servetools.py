@@ -9,7 +9,6 @@ from raylm import server_process
 from raylm.testing.processes import processes_matching
 
 RAYLM = str(Path(sys.executable).parent / "raylm")
-TINY_ARGS = {"max_model_len": 512, "dtype": "float32", "kv_cache_memory_bytes": 128 * 2**20}
 
 
 def free_port():

@@ -126,8 +126,6 @@ def test_invalid_engine_argument_gets_vllms_own_message(tiny_model, tmp_home):
     assert err[-1] == (
         "raylm: error: model 'tiny-llama': vLLM rejected the arguments: unrecognized arguments: --max-model-lenn"
     )
-    code, _, err, _ = run_raylm("serve", str(tiny_model), "--dtype", "float17", env=tmp_home)
-    assert "argument --dtype: invalid choice: 'float17'" in err[-1]
 
 
 def test_reserved_engine_option_points_to_the_raylm_option(tiny_model, tmp_home):

@@ -14,8 +14,9 @@ import httpx
 import openai
 import pytest
 import yaml
-from servetools import TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
+from servetools import assert_port_free, free_port, leftovers, run_cli
 
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
 
 pytestmark = pytest.mark.engine
@@ -33,11 +34,11 @@ def deployment(tmp_path_factory, tiny_model, minilm_model):
                 "name": "e2e",
                 "server": {"port": port},
                 "models": [
-                    {"model": str(tiny_model), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_ARGS},
+                    {"model": str(tiny_model), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_LLAMA_VLLM_ARGS},
                     {
                         "model": str(minilm_model),
                         "name": "minilm-e2e",
-                        "engine_args": {"kv_cache_memory_bytes": 64 * 2**20},
+                        "engine_args": {"kv_cache_memory_bytes": 64 * 2**20, "optimization_level": 0},
                     },
                 ],
             }

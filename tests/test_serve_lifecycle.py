@@ -10,16 +10,18 @@ from pathlib import Path
 
 import openai
 import pytest
-from servetools import RAYLM, TINY_ARGS, assert_port_free, free_port, leftovers, run_cli
+from servetools import RAYLM, assert_port_free, free_port, leftovers, run_cli
 
 import raylm
+from raylm.engine import args_to_argv
 from raylm.errors import DeploymentError
 from raylm.state import Records
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm_local.backend import ray_temp_dir
 
 pytestmark = pytest.mark.engine
 
-TINY_ARGV = [token for key, value in TINY_ARGS.items() for token in ("--" + key.replace("_", "-"), str(value))]
+TINY_ARGV = args_to_argv(TINY_LLAMA_VLLM_ARGS)
 
 
 class Foreground:

@@ -11,11 +11,13 @@ import psutil
 import pytest
 from cai_setup import API_KEY, RUNTIME, Console, session_path
 
+from raylm.engine import args_to_argv
 from raylm.server_process import free_port
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
-TINY_ARGS = ["--max-model-len", "512", "--dtype", "float32", "--kv-cache-memory-bytes", str(128 * 2**20)]
+TINY_ARGS = args_to_argv(TINY_LLAMA_VLLM_ARGS)
 
 pytestmark = pytest.mark.engine
 

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from cai_setup import API_KEY, RUNTIME, Console, session_path
 
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
+
 pytestmark = pytest.mark.engine
 
 
@@ -27,7 +29,7 @@ def repository(tmp_path, tiny_llama):
             {
                 "model": str(tiny_llama),
                 "name": "tiny",
-                "engine_args": {"max_model_len": 512, "dtype": "float32", "kv_cache_memory_bytes": 128 * 2**20},
+                "engine_args": TINY_LLAMA_VLLM_ARGS,
             }
         ],
     }

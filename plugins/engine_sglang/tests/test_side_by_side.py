@@ -17,6 +17,7 @@ import yaml
 from sglang_setup import CPU_ARGS, CPU_ENV
 
 from raylm.server_process import free_port
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.testing.processes import processes_matching
 from raylm_local.backend import ray_temp_dir
 
@@ -41,14 +42,7 @@ def endpoint(tmp_path_factory, tiny_llama, sglang_python):
                         "model": str(tiny_llama),
                         "name": "tiny-vllm",
                         "engine": "vllm",
-                        "engine_args": [
-                            "--max-model-len",
-                            "512",
-                            "--dtype",
-                            "float32",
-                            "--kv-cache-memory-bytes",
-                            "134217728",
-                        ],
+                        "engine_args": TINY_LLAMA_VLLM_ARGS,
                     },
                     {
                         "model": str(tiny_llama),

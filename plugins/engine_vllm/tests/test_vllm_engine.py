@@ -18,18 +18,12 @@ def tiny_llama(tmp_path_factory):
 
 class TestVLLMEngine(EngineContract):
     engine_name = "vllm"
+    expected_resources = (1, 0)  # a CPU-only machine: replicas in CPU mode ask for no GPU
     plugin_module = "raylm_vllm.plugin"
 
     @pytest.fixture
     def model_deployment(self, tiny_llama):
         return ModelDeployment(model=str(tiny_llama), name="tiny-contract", engine="vllm", engine_args=TINY_ARGS)
-
-
-def test_cpu_replicas_ask_for_no_gpu(tiny_llama):
-    engine = VLLMEngine(ModelDeployment(model=str(tiny_llama), name="t", engine="vllm", engine_args=TINY_ARGS))
-    engine.validate()
-    resources = engine.resources()
-    assert (resources.num_cpus, resources.num_gpus) == (1, 0)
 
 
 @pytest.mark.parametrize("option", ["--port", "--host", "--served-model-name", "--model=/x"])

@@ -61,6 +61,8 @@ class EngineContract(_PluginContract):
     """Checks an engine plugin; subclasses set `engine_name`, `plugin_module` and a `model_deployment` fixture."""
 
     engine_name: str
+    # (num_cpus, num_gpus) one replica of `model_deployment` asks for on the test machine; None: not checked.
+    expected_resources: tuple[float, float] | None = None
 
     @pytest.fixture
     def model_deployment(self) -> ModelDeployment:
@@ -77,20 +79,21 @@ class EngineContract(_PluginContract):
         assert issubclass(engine_spec.engine_class, Engine)
         assert engine_spec.description
 
-    def test_validate_accepts_the_deployment(self, engine_spec: EngineSpec, model_deployment: ModelDeployment):
-        engine_spec.engine_class(model_deployment).validate()
-
     def test_validate_rejects_an_unknown_argument(self, engine_spec: EngineSpec, model_deployment: ModelDeployment):
         bad = replace(model_deployment, engine_args=(*model_deployment.engine_args, "--no-such-option-raylm"))
         with pytest.raises(ConfigError, match="no-such-option-raylm"):
             engine_spec.engine_class(bad).validate()
 
-    def test_resources_are_sane(self, engine_spec: EngineSpec, model_deployment: ModelDeployment) -> None:
+    def test_validate_accepts_the_deployment_and_sizes_its_replicas(
+        self, engine_spec: EngineSpec, model_deployment: ModelDeployment
+    ) -> None:
         engine = engine_spec.engine_class(model_deployment)
         engine.validate()
         resources = engine.resources()
         assert isinstance(resources, ReplicaResources)
         assert resources.num_cpus >= 0 and resources.num_gpus >= 0
+        if self.expected_resources is not None:
+            assert (resources.num_cpus, resources.num_gpus) == self.expected_resources
 
     @pytest.mark.engine
     def test_serves_openai_and_stops_cleanly(self, engine_spec: EngineSpec, model_deployment: ModelDeployment):

@@ -22,6 +22,14 @@ SENTENCES = [
     "Large language models answer questions one token at a time.",
     "The stock market fell sharply on Monday morning.",
 ]
+# vLLM arguments that fit the tiny Llama on a CPU-only machine, for tests. Optimization level 0
+# skips torch.compile: a start takes ~20 s less here, and nothing raylm does depends on it.
+TINY_LLAMA_VLLM_ARGS = {
+    "max_model_len": 512,
+    "dtype": "float32",
+    "kv_cache_memory_bytes": 128 * 2**20,
+    "optimization_level": 0,
+}
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
