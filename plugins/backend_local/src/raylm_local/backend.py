@@ -31,6 +31,9 @@ EMBEDDED_HEAD_ENVIRONMENT = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # default 0.1: the controller was Ray's busiest idle process
     "RAY_enable_metrics_collection": "0",
     "RAY_enable_task_events": "0",
+    # Ray 2.60 drains a head for up to 30 s on SIGTERM, for load balancers in front of Serve. raylm
+    # deletes its apps before it stops the head, so there is nothing to drain (it only delayed `stop`).
+    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
 
 
@@ -187,6 +190,8 @@ class LocalBackend(Backend):
             # `ray start --block` stops every Ray process it started when it gets SIGTERM.
             tree[0].send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+        if alive:
+            progress(f"{len(alive)} Ray processes did not stop within {STOP_GRACE_S}s; killing them")
         for process in alive:
             process.kill()
         psutil.wait_procs(alive, timeout=5)
