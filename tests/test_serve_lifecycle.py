@@ -100,16 +100,19 @@ def test_an_engine_that_fails_to_start_is_reported_and_cleaned_up(raylm_home, ti
         model=str(tiny_model),
         name="doomed",
         engine="vllm",
-        engine_args=("--max-model-len", "512", "--kv-cache-memory-bytes", "1"),
+        engine_args=args_to_argv({**TINY_LLAMA_VLLM_ARGS, "kv_cache_memory_bytes": 1}),
     )
     port = free_port()
     messages = []
     with pytest.raises(DeploymentError) as raised:
         raylm.serve(raylm.ServePlan(name="doomed", models=(model,), port=port), progress=messages.append)
+    # One line with vLLM's root cause (not the traceback around it) and where the engine's output is.
     message = str(raised.value)
-    assert message.startswith("doomed failed to start:")
-    assert "vllm:doomed exited with code" in message, message
+    assert message.startswith("doomed failed to start: vllm:doomed exited with code 1 while starting: "), message
+    assert "ValueError: No available memory for the cache blocks" in message and "\n" not in message, message
+    assert "(its output: /" in message
     assert "cleaning up" in " ".join(messages)
+    assert not any("did not stop" in line for line in messages), messages
     assert leftovers(ray_temp_dir(raylm_home, "doomed"), "doomed") == []
     assert Records("deployments").names() == []
     assert_port_free(port)

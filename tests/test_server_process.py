@@ -1,8 +1,11 @@
-"""An engine server as a child process: what it leaves behind when it stops."""
+"""An engine server as a child process: what it leaves behind when it stops, what it says when it fails."""
 
 import asyncio
 import sys
 
+import pytest
+
+from raylm.errors import DeploymentError
 from raylm.server_process import ServerProcess, free_port
 
 # A stand-in engine server: writes a temporary file as vLLM does (its distributed-init file), then serves.
@@ -23,3 +26,39 @@ def test_the_servers_temporary_files_go_with_it(tmp_path, monkeypatch):
     asyncio.run(server.stop())
     assert server.exit_code() is not None
     assert not server.temp_dir.exists()
+
+
+# A stand-in engine that fails to start as vLLM does: a warning that quotes an error, the engine core's
+# traceback with the root cause, then the server's own traceback ending in a generic error.
+FAILING_SERVER = """
+import sys
+print("WARNING this can cause fd limit errors like `OSError: [Errno 24] Too many open files`", flush=True)
+try:
+    raise ValueError("No available memory for the cache blocks")
+except ValueError:
+    import traceback
+    traceback.print_exc()
+raise RuntimeError("Engine core initialization failed. See root cause above.")
+"""
+
+
+def test_a_server_that_fails_to_start_is_reported_with_its_root_cause():
+    server = ServerProcess("stand-in", [sys.executable, "-c", FAILING_SERVER])
+    server.start()
+    with pytest.raises(DeploymentError) as raised:
+        asyncio.run(server.wait_healthy(f"http://127.0.0.1:{free_port('127.0.0.1')}/", 30))
+    assert str(raised.value) == (
+        "stand-in exited with code 1 while starting: ValueError: No available memory for the cache blocks"
+        f" (its output: {server.log_path})"
+    )
+
+
+def test_without_a_traceback_the_last_output_lines_are_reported():
+    server = ServerProcess("stand-in", [sys.executable, "-c", "print('cannot bind the port'); raise SystemExit(3)"])
+    server.start()
+    with pytest.raises(DeploymentError) as raised:
+        asyncio.run(server.wait_healthy(f"http://127.0.0.1:{free_port('127.0.0.1')}/", 30))
+    assert str(raised.value).splitlines()[-2:] == [
+        f"stand-in exited with code 3 while starting; its last output ({server.log_path}):",
+        "cannot bind the port",
+    ]

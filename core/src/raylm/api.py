@@ -29,6 +29,7 @@ from raylm.state import Records
 DEPLOYMENTS = Records("deployments")
 READY_TIMEOUT_S = 1800
 PORT_RELEASE_TIMEOUT_S = 15
+RAYLM_ERROR_PREFIX = f"{DeploymentError.__module__}.{DeploymentError.__qualname__}: "
 
 
 def _stderr(message: str) -> None:
@@ -273,7 +274,11 @@ def _wait_running(apps: dict[str, str], progress: Progress, timeout_s: float) ->
 def _failure_message(status: Any) -> str:
     messages = [status.message] + [d.message for d in status.deployments.values()]
     text = "\n".join(m for m in messages if m).strip()
-    # Serve wraps the replica's exception in a long traceback; its last lines say what happened.
+    # Serve wraps the replica's exception in a long traceback: raylm's own error is the message;
+    # for another exception, the traceback's last lines say what happened.
+    ours = text.rfind(RAYLM_ERROR_PREFIX)
+    if ours >= 0:
+        return text[ours + len(RAYLM_ERROR_PREFIX) :]
     lines = [line for line in text.splitlines() if line.strip()]
     return "\n".join(lines[-14:]) if lines else "no message from Ray Serve"
 

@@ -3,8 +3,8 @@
 `ServerEngine` is the base class of such engines (vLLM, SGLang). `ServerProcess`
 starts the server in a session of its own (so stopping it stops every process
 it spawned), asks Linux to stop it if the replica dies (`PR_SET_PDEATHSIG`),
-gives it a temporary folder of its own that goes with it, keeps the last lines
-of its output for error messages, and waits until its health URL answers.
+gives it a temporary folder of its own that goes with it, finds the first exception in its
+output (or its last lines) for error messages, and waits until its health URL answers.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from raylm.errors import ClusterError, ConfigError, DeploymentError
 PR_SET_PDEATHSIG = 1
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
 LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
+# The last line of a Python traceback, at the start of a line: "ValueError: ...", "torch.OutOfMemoryError: ...".
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): \S")
 
 
 def free_port(host: str) -> int:
@@ -119,10 +121,24 @@ class ServerProcess:
             lines = log.read().decode(errors="replace").splitlines()
         return [line for line in lines if line.strip()][-count:]
 
+    def first_exception(self) -> str | None:
+        """The first exception line of a Python traceback in the output (e.g. `ValueError: ...`).
+
+        Engines print the root cause first: vLLM's server ends with "Engine core initialization
+        failed. See root cause above." after the engine core's own error.
+        """
+        if self.log_path is None:
+            return None
+        with open(self.log_path, errors="replace") as log:
+            return next((line.strip() for line in log if EXCEPTION_LINE.match(line)), None)
+
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
     def failure(self, what: str) -> DeploymentError:
+        cause = self.first_exception()
+        if cause:
+            return DeploymentError(f"{what}: {cause} (its output: {self.log_path})")
         return DeploymentError(f"{what}; its last output ({self.log_path}):\n" + "\n".join(self.last_lines()))
 
     async def wait_healthy(self, health_url: str, timeout_s: float) -> None:
