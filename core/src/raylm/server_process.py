@@ -36,7 +36,7 @@ PR_SET_PDEATHSIG = 1
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
 LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
 # The last line of a Python traceback, at the start of a line: "ValueError: ...", "torch.OutOfMemoryError: ...".
-EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception): \S")
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception): \S")
 
 
 def free_port(host: str) -> int:
