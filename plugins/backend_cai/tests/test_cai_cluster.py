@@ -127,6 +127,7 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     assert down.returncode == 0, down.stderr
     assert cml.applications() == []
     assert cml.pod_processes() == []
+    assert cml.killed_after_grace == [], "a Ray node did not stop within CML's grace time"
     assert not token_file.exists()
     assert_not_in_files(secrets, raylm.output, [cml.root / "logs", cml.pod_tmp_root])
 

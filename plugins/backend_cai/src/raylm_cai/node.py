@@ -68,7 +68,11 @@ def main() -> None:
     if not (folder / "token").is_file():
         sys.exit(f"raylm: no Ray token at {folder / 'token'}; start the cluster with `raylm cluster up --backend cai`")
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *_node_options(ip)]
+    environment = {**os.environ, **ray_auth_environment(folder)}
     if role == "head":
+        # Ray drains a node for up to 30 s on SIGTERM; when the head stops, the cluster ends, so that
+        # would only use up CML's grace time. Workers keep the drain: Serve moves their replicas.
+        environment.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         (folder / "head.json").unlink(missing_ok=True)
         command += ["--head", f"--port={GCS_PORT}", "--include-dashboard=true"]
         command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={app_port}"]
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"raylm: starting the Ray {role} of cluster {cluster!r} on {ip}", flush=True)
     ray = subprocess.Popen(
         command,
-        env={**os.environ, **ray_auth_environment(folder)},
+        env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -191,6 +191,7 @@ class FakeCML:
         self._jobs: dict[str, dict[str, Any]] = {}
         self._runs: dict[str, dict[str, Any]] = {}
         self._workloads: dict[str, _Workload] = {}  # by application or run id
+        self.killed_after_grace: list[str] = []  # ids of workloads whose processes outlived SIGTERM's grace time
         # Pods get a short private /tmp (Unix socket paths must stay under 108 bytes).
         self.pod_tmp_root = Path("/tmp") / f"fakecml-{secrets.token_hex(3)}"
         self._closing = threading.Event()
@@ -697,6 +698,8 @@ class FakeCML:
         if workload.process.poll() is None:
             workload.process.send_signal(signal.SIGTERM)
         _, alive = psutil.wait_procs(members, timeout=STOP_GRACE_S)
+        if alive:
+            self.killed_after_grace.append(workload_id)
         for process in alive:
             with contextlib.suppress(psutil.Error):
                 process.kill()
