@@ -192,9 +192,8 @@ def machine() -> str:
     )
 
 
-def report(engine: str, results: dict) -> None:
+def report(engine: str, results: dict, medians: dict) -> None:
     own, ours = engine, f"raylm+{engine}"
-    medians = {key: median(values) for key, values in results.items()}
 
     def cell(name: str, metric: str) -> str:
         values = results[(name, metric)]
@@ -247,10 +246,10 @@ def main() -> None:
         f"model: tiny Llama (2 layers, hidden 128), streaming completions of {MAX_TOKENS} tokens; "
         f"{args.rounds} cold starts x {args.repeats} load runs per server; medians, and [min-max] over the runs"
     )
+    medians = {key: median(values) for key, values in results.items()}
     for engine in engines:
-        report(engine, results)
+        report(engine, results, medians)
     if args.json:
-        medians = {key: median(values) for key, values in results.items()}
         args.json.write_text(json.dumps({f"{n} {m}": v for (n, m), v in medians.items()}, indent=2))
 
 
