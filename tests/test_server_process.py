@@ -2,11 +2,12 @@
 
 import asyncio
 import sys
+import tempfile
 
 import pytest
 
 from raylm.errors import DeploymentError
-from raylm.server_process import ServerProcess, free_port
+from raylm.server_process import ServerProcess, free_port, torch_compile_cache
 
 # A stand-in engine server: writes a temporary file as vLLM does (its distributed-init file), then serves.
 SERVER = """
@@ -26,6 +27,33 @@ def test_the_servers_temporary_files_go_with_it(tmp_path, monkeypatch):
     asyncio.run(server.stop())
     assert server.exit_code() is not None
     assert not server.temp_dir.exists()
+
+
+# A stand-in engine that compiles with torch: reports whether torch's precompiled headers are
+# there from an earlier start, then adds its own.
+COMPILING_SERVER = """
+from pathlib import Path
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+headers = Path(default_cache_dir(), "precompiled_headers")
+print("found" if (headers / "header.h.gch").exists() else "compiled")
+headers.mkdir(parents=True, exist_ok=True)
+(headers / "header.h.gch").write_text("x")
+"""
+
+
+def test_torchs_compile_cache_outlives_the_servers_temporary_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # the replica's temporary folder: tmp_path
+    outputs = []
+    for _ in range(2):
+        server = ServerProcess("stand-in", [sys.executable, "-c", COMPILING_SERVER])
+        server.start()
+        assert server.process.wait(60) == 0, server.last_lines()
+        outputs += server.last_lines(1)
+        asyncio.run(server.stop())
+        assert not server.temp_dir.exists()
+    assert outputs == ["compiled", "found"]
+    assert [p.name for p in tmp_path.iterdir()] == [torch_compile_cache().name]
 
 
 # A stand-in engine that fails to start as vLLM does: a warning that quotes an error, the engine core's
