@@ -1,13 +1,14 @@
 """An engine server as a child process: what it leaves behind when it stops, what it says when it fails."""
 
 import asyncio
+import socket
 import sys
 import tempfile
 
 import pytest
 
 from raylm.errors import DeploymentError
-from raylm.server_process import ServerProcess, free_port, torch_compile_cache
+from raylm.server_process import ServerProcess, free_port, free_ports_in, torch_compile_cache
 
 # A stand-in engine server: writes a temporary file as vLLM does (its distributed-init file), then serves.
 SERVER = """
@@ -90,3 +91,12 @@ def test_without_a_traceback_the_last_output_lines_are_reported():
         f"stand-in exited with code 3 while starting; its last output ({server.log_path}):",
         "cannot bind the port",
     ]
+
+
+def test_ports_picked_together_differ_and_are_free():
+    ports = free_ports_in(range(20000, 30000), 40)
+    assert len(set(ports)) == 40
+    assert all(20000 <= port < 30000 for port in ports)
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

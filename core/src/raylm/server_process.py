@@ -47,20 +47,24 @@ def free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
-def free_port_in(ports: range, host: str = "127.0.0.1") -> int:
-    """A port of `ports` nothing listens on now, tried in random order.
+def free_ports_in(ports: range, count: int = 1, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports of `ports` nothing listens on now, tried in random order.
 
     For ports bound some time after they are picked: a range below the kernel's ephemeral one
-    (32768-60999 on Linux) cannot be taken meanwhile by an outgoing connection.
+    (32768-60999 on Linux) cannot be taken meanwhile by an outgoing connection. Ports for one
+    program are picked in one call: picked one by one, two could be the same.
     """
-    for port in random.sample(ports, min(50, len(ports))):
+    found: list[int] = []
+    for port in random.sample(ports, min(50 + count, len(ports))):
         with socket.socket() as probe:
             try:
                 probe.bind((host, port))
             except OSError:
                 continue
-            return port
-    raise ClusterError(f"no free port between {ports.start} and {ports.stop - 1} on {host}")
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise ClusterError(f"fewer than {count} free ports between {ports.start} and {ports.stop - 1} on {host}")
 
 
 # Ray sets these in every worker from its CPU reservation (OMP_NUM_THREADS=1 for a 1-CPU replica):

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from raylm.server_process import free_port_in
+from raylm.server_process import free_ports_in
 
 DEFAULT_RUNTIME = (
     "docker.repository.cloudera.com/cloudera/cdsw/ml-runtime-pbj-workbench-python3.11-standard:2025.09.1-b5"
@@ -93,7 +93,7 @@ POD_PORTS = range(30000, 32768)
 
 
 def _free_port() -> int:
-    return free_port_in(POD_PORTS)
+    return free_ports_in(POD_PORTS)[0]
 
 
 class APIError(Exception):

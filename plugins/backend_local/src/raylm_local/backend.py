@@ -12,7 +12,7 @@ from pathlib import Path
 
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
-from raylm.server_process import address_answers, free_port_in
+from raylm.server_process import address_answers, free_ports_in
 from raylm.state import Records, raylm_home
 
 CLUSTERS = Records("clusters/local")
@@ -35,10 +35,6 @@ EMBEDDED_HEAD_ENVIRONMENT = {
     # deletes its apps before it stops the head, so there is nothing to drain (it only delayed `stop`).
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
 }
-
-
-def free_port() -> int:
-    return free_port_in(RAY_PORT_RANGE)
 
 
 def ray_temp_dir(home: Path, cluster: str) -> Path:
@@ -71,7 +67,7 @@ class LocalBackend(Backend):
 
     def _start(self, progress: Progress) -> ClusterStatus:
         num_cpus = self.options.get("num_cpus") or max(8, os.cpu_count() or 1)
-        gcs_port = free_port()
+        gcs_port, dashboard_port, client_server_port, agent_port = free_ports_in(RAY_PORT_RANGE, 4)
         temp_dir = self.ray_temp_dir
         log_path = raylm_home() / "logs" / f"ray-{self.cluster_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +89,9 @@ class LocalBackend(Backend):
             "false",
             "--disable-usage-stats",
             # Fixed default ports would collide with any other Ray on this machine.
-            f"--dashboard-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={client_server_port}",
+            f"--dashboard-agent-listen-port={agent_port}",
         ]
         if self.options.get("num_gpus") is not None:
             command.append(f"--num-gpus={self.options['num_gpus']}")
