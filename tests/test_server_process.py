@@ -57,6 +57,17 @@ def test_torchs_compile_cache_outlives_the_servers_temporary_folder(tmp_path, mo
     assert [p.name for p in tmp_path.iterdir()] == [torch_compile_cache().name]
 
 
+def test_a_server_starts_where_the_shared_compile_cache_cannot_be_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    torch_compile_cache().write_text("a file where the cache folder would go")
+    server = ServerProcess("stand-in", [sys.executable, "-c", "print('serving')"])
+    server.start()
+    assert server.process.wait(30) == 0
+    assert server.last_lines(1) == ["serving"]
+    asyncio.run(server.stop())
+
+
 # A stand-in engine that fails to start as vLLM does: a warning that quotes an error, the engine core's
 # traceback with the root cause, then the server's own traceback ending in a generic error.
 FAILING_SERVER = """

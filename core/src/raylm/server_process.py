@@ -117,9 +117,11 @@ class ServerProcess:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="raylm-engine-"))
         # ...but torch's compile cache stays shared: in an empty one, each vLLM start here spent 9 s
         # rebuilding torch's precompiled headers. (Removing the folder removes the link, not the cache.)
+        # Only a saving: where the shared folder cannot be made, the engine builds its own.
         shared_cache = torch_compile_cache()
-        shared_cache.mkdir(exist_ok=True)
-        (self.temp_dir / shared_cache.name).symlink_to(shared_cache)
+        with contextlib.suppress(OSError):
+            shared_cache.mkdir(exist_ok=True)
+            (self.temp_dir / shared_cache.name).symlink_to(shared_cache)
         env = server_environment({"TMPDIR": str(self.temp_dir), **self.extra_env})
         with tempfile.NamedTemporaryFile(dir=LOG_FOLDER, prefix=f"{safe_name}-", suffix=".log", delete=False) as log:
             self.log_path = Path(log.name)
