@@ -42,9 +42,15 @@ headers.mkdir(parents=True, exist_ok=True)
 """
 
 
-def test_torchs_compile_cache_outlives_the_servers_temporary_folder(tmp_path, monkeypatch):
+@pytest.fixture
+def temp_folder(tmp_path, monkeypatch):
+    """The replica's temporary folder, where engines' own temporary folders go: tmp_path."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)  # the replica's temporary folder: tmp_path
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    return tmp_path
+
+
+def test_torchs_compile_cache_outlives_the_servers_temporary_folder(temp_folder):
     outputs = []
     for _ in range(2):
         server = ServerProcess("stand-in", [sys.executable, "-c", COMPILING_SERVER])
@@ -54,12 +60,10 @@ def test_torchs_compile_cache_outlives_the_servers_temporary_folder(tmp_path, mo
         asyncio.run(server.stop())
         assert not server.temp_dir.exists()
     assert outputs == ["compiled", "found"]
-    assert [p.name for p in tmp_path.iterdir()] == [torch_compile_cache().name]
+    assert [p.name for p in temp_folder.iterdir()] == [torch_compile_cache().name]
 
 
-def test_a_server_starts_where_the_shared_compile_cache_cannot_be_made(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    monkeypatch.setattr(tempfile, "tempdir", None)
+def test_a_server_starts_where_the_shared_compile_cache_cannot_be_made(temp_folder):
     torch_compile_cache().write_text("a file where the cache folder would go")
     server = ServerProcess("stand-in", [sys.executable, "-c", "print('serving')"])
     server.start()
