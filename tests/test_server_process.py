@@ -72,10 +72,10 @@ def test_a_server_starts_where_the_shared_compile_cache_cannot_be_made(temp_fold
     asyncio.run(server.stop())
 
 
-# A stand-in engine that fails to start as vLLM does: a warning that quotes an error, the engine core's
-# traceback with the root cause, then the server's own traceback ending in a generic error.
-FAILING_SERVER = """
-import sys
+# Stand-in engines that fail to start as vLLM does. When its engine core fails: a warning that quotes
+# an error, the engine core's traceback with the root cause, then the server's own traceback ending
+# in a generic error.
+FAILING_ENGINE_CORE = """
 print("WARNING this can cause fd limit errors like `OSError: [Errno 24] Too many open files`", flush=True)
 try:
     raise ValueError("No available memory for the cache blocks")
@@ -84,16 +84,34 @@ except ValueError:
     traceback.print_exc()
 raise RuntimeError("Engine core initialization failed. See root cause above.")
 """
+# When a worker process fails, vLLM logs its traceback (as vLLM 0.32 on CPU printed it), then the same.
+FAILING_WORKER = """
+log = "(VllmWorker-0 pid=26772) ERROR 11-23 07:45:05 [multiproc_executor.py:953] "
+print("(APIServer pid=26713) WARNING 11-23 07:44:40 [system_utils.py:255] This can cause fd limit errors like "
+      "`OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n")
+print(log + "WorkerProc failed to start.")
+print(log + "Traceback (most recent call last):")
+print(log + "    raise ValueError(")
+print(log + "ValueError: Available memory on node 0 (13.9/16.21 GiB) on startup is less than desired")
+raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+"""
 
 
-def test_a_server_that_fails_to_start_is_reported_with_its_root_cause():
-    server = ServerProcess("stand-in", [sys.executable, "-c", FAILING_SERVER])
+@pytest.mark.parametrize(
+    "script, root_cause",
+    [
+        (FAILING_ENGINE_CORE, "ValueError: No available memory for the cache blocks"),
+        (FAILING_WORKER, "ValueError: Available memory on node 0 (13.9/16.21 GiB) on startup is less than desired"),
+    ],
+    ids=["engine core", "worker"],
+)
+def test_a_server_that_fails_to_start_is_reported_with_its_root_cause(script, root_cause):
+    server = ServerProcess("stand-in", [sys.executable, "-c", script])
     server.start()
     with pytest.raises(DeploymentError) as raised:
         asyncio.run(server.wait_healthy(f"http://127.0.0.1:{free_port('127.0.0.1')}/", 30))
     assert str(raised.value) == (
-        "stand-in exited with code 1 while starting: ValueError: No available memory for the cache blocks"
-        f" (its output: {server.log_path})"
+        f"stand-in exited with code 1 while starting: {root_cause} (its output: {server.log_path})"
     )
 
 

@@ -37,8 +37,12 @@ from raylm.errors import ClusterError, ConfigError, DeploymentError
 PR_SET_PDEATHSIG = 1
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
 LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
-# The last line of a Python traceback, at the start of a line: "ValueError: ...", "torch.OutOfMemoryError: ...".
-EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception): \S")
+# The last line of a Python traceback, at the start of a line: "ValueError: ...", "torch.OutOfMemoryError: ...";
+# or as vLLM logs it from one of its processes: "(VllmWorker-0 pid=7) ERROR 11-23 07:45:05 [x.py:953] ValueError: ...".
+EXCEPTION_LINE = re.compile(
+    r"(?:\([\w.:-]+ pid=\d+\) )?(?:(?:ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] )?"
+    r"(?P<exception>[A-Za-z_][\w.]*(?:Error|Exception): \S.*)"
+)
 
 
 def free_port(host: str) -> int:
@@ -153,7 +157,8 @@ class ServerProcess:
         if self.log_path is None:
             return None
         with open(self.log_path, errors="replace") as log:
-            return next((line.strip() for line in log if EXCEPTION_LINE.match(line)), None)
+            found = next((match for match in map(EXCEPTION_LINE.match, log) if match), None)
+        return found["exception"].strip() if found else None
 
     def exit_code(self) -> int | None:
         return None if self.process is None else self.process.poll()
