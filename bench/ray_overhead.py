@@ -5,7 +5,8 @@
 Serves the tiny model through raylm (local backend, vLLM) alternately with
 Ray's default background settings and with the settings raylm's embedded head
 uses (`raylm_local.backend.EMBEDDED_HEAD_ENVIRONMENT`; the environment wins
-over them, which is how the first configuration gets Ray's defaults). For each,
+over them, which is how the first configuration gets Ray's defaults; the log
+monitor, a `ray start` option, is off in both). For each,
 it samples the CPU that Ray's and Serve's processes take while the deployment
 is idle, then measures cold start and streaming completions at concurrency 1
 and 16 as `bench/run.py` does.
@@ -35,6 +36,8 @@ RAY_DEFAULTS = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
     "RAY_enable_metrics_collection": "1",
     "RAY_enable_task_events": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100",
+    "REPORTER_UPDATE_INTERVAL_MS": "5000",
 }
 # Labels name the servers' log files too (/tmp/raylm-bench-LABEL.log).
 CONFIGURATIONS = {"ray-defaults": RAY_DEFAULTS, "embedded-head": {}}

@@ -25,12 +25,15 @@ RAY_PORT_RANGE = range(20000, 30000)
 
 # The embedded head shares this machine with the engines, so Ray's own background work is cut to
 # what raylm uses (the environment still wins). On 2 vCPUs this takes Ray's idle CPU from ~14% to
-# ~10% of a core (bench/ray_overhead.py). Nothing reads metrics or task events without the dashboard.
+# ~7% of a core (bench/ray_overhead.py). Nothing reads metrics, task events or node stats without
+# the dashboard.
 EMBEDDED_HEAD_ENVIRONMENT = {
     "RAY_worker_niceness": "0",  # Ray's default 15 makes the replicas' engines lose the CPU to anything else
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # default 0.1: the controller was Ray's busiest idle process
     "RAY_enable_metrics_collection": "0",
     "RAY_enable_task_events": "0",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",  # default 100: each replica woke 10 times a second for it
+    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # default 5000: the dashboard agent's node stats
     # Ray 2.60 drains a head for up to 30 s on SIGTERM, for load balancers in front of Serve. raylm
     # deletes its apps before it stops the head, so there is nothing to drain (it only delayed `stop`).
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
@@ -88,6 +91,10 @@ class LocalBackend(Backend):
             "--include-dashboard",
             "false",
             "--disable-usage-stats",
+            # The log monitor streams workers' output to drivers; raylm's driver asks for none
+            # (log_to_driver=False), and the files stay in the session folder.
+            "--include-log-monitor",
+            "false",
             # Fixed default ports would collide with any other Ray on this machine.
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={client_server_port}",
