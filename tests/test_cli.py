@@ -121,10 +121,10 @@ def test_port_in_use(tiny_model, tmp_home):
 
 def test_invalid_engine_argument_gets_vllms_own_message(tiny_model, tmp_home):
     code, _, err, _ = run_raylm("serve", str(tiny_model), "--max-model-lenn", "512", env=tmp_home)
-    # One progress line (vLLM's parser takes a while), then vLLM's own complaint.
+    # One progress line (vLLM's parser takes a while), then vLLM's own complaint, as `vllm serve` words it.
     assert code == 1 and len(err) == 2
     assert err[-1] == (
-        "raylm: error: model 'tiny-llama': vLLM rejected the arguments: unrecognized arguments: --max-model-lenn"
+        "raylm: error: model 'tiny-llama': vLLM rejected the arguments: unrecognized arguments: --max-model-lenn 512"
     )
 
 

@@ -22,6 +22,7 @@ from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.config import ServePlan, check_model_path, check_port_free
 from raylm.engine import Engine
 from raylm.errors import ConfigError, DeploymentError
+from raylm.placement import describe, node_need, unplaceable
 from raylm.plugins import Registry, get_registry
 from raylm.server_process import http_ok
 from raylm.state import Records
@@ -93,7 +94,24 @@ def _prepare_engines(plan: ServePlan, registry: Registry, progress: Progress) ->
     with ThreadPoolExecutor(max_workers=len(engines)) as pool:
         for future in [pool.submit(engine.validate) for engine in engines]:
             future.result()
+    for engine in engines:
+        model = engine.deployment
+        progress(f"{model.name}: {model.replicas} replica(s), each needs {describe(node_need(engine.resources()))}")
     return engines
+
+
+def _check_capacity(engines: list[Engine], backend: Backend, progress: Progress) -> None:
+    """Refuse at once a model whose replica fits no node of a cluster that cannot grow (Serve would wait
+    forever); on one that may grow, say what it waits for."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    problem = unplaceable({e.deployment.name: e.resources() for e in engines}, nodes)
+    if problem is None:
+        return
+    if not backend.may_add_nodes:
+        raise DeploymentError(problem)
+    progress(f"{problem}; waiting for the cluster to add one")
 
 
 def serve(
@@ -146,6 +164,7 @@ def serve(
     DEPLOYMENTS.save(plan.name, record)
     try:
         connect_ray(cluster.address, backend.client_environment())
+        _check_capacity(engines, backend, progress)
         _deploy(plan, engines, host, apps, progress, ready_timeout_s)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)

@@ -46,6 +46,9 @@ class Backend(ABC):
 
     # True when the cluster's head, where the router listens, is this machine.
     head_is_local: bool = False
+    # True when the cluster may add nodes for demand it cannot place (e.g. Ray's autoscaler): a replica
+    # that fits no node now is then waited for instead of refused.
+    may_add_nodes: bool = False
 
     def __init__(self, options: Mapping[str, Any]):
         self.options = dict(options)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
+from raylm.engine_check import ERROR_PREFIX
 from raylm.errors import ClusterError, ConfigError, DeploymentError
 
 PR_SET_PDEATHSIG = 1
@@ -242,9 +243,8 @@ class ServerEngine(Engine):
 
     Subclasses name the engine, its server module and model option, and the module
     that checks arguments with the engine's own parser (run in the engine's Python,
-    so it works for engines in other venvs). The check module takes `MODEL ARGS...`
-    and prints one JSON object with at least `device` and `gpus` (per replica) and
-    exits 0, or prints `PROG: error: MESSAGE` and exits 2.
+    so it works for engines in other venvs); `raylm.engine_check` describes what the check
+    module prints and holds the helpers it uses.
     """
 
     display_name: ClassVar[str]
@@ -311,8 +311,12 @@ class ServerEngine(Engine):
         self.checked = json.loads(result.stdout.strip().splitlines()[-1])
 
     def _complaint(self, stderr: str) -> str:
-        """The engine's own message: its parser's error line, else its last line of output."""
+        """What the check said: raylm's line about the environment, the engine's parser's error line,
+        else its last line of output."""
         lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        ours = next((line for line in lines if line.startswith(ERROR_PREFIX)), None)
+        if ours:
+            return ours.removeprefix(ERROR_PREFIX)
         missing = next((line for line in lines if line.startswith("ModuleNotFoundError: ")), None)
         if missing:
             return f"{self.python} cannot import what {self.display_name} needs ({missing}): install it there"

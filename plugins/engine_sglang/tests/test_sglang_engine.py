@@ -45,3 +45,11 @@ def test_an_environment_without_sglang_is_named(tiny_llama):
     engine = SGLangEngine(ModelDeployment(model=str(tiny_llama), name="t", engine="sglang", python=sys.executable))
     with pytest.raises(ConfigError, match=r"cannot import what SGLang needs \(ModuleNotFoundError: No module named"):
         engine.validate()
+
+
+def test_a_gpu_launch_is_sized_by_sglangs_own_count(tiny_llama, sglang_python):
+    # No --device cpu: what a GPU node runs, parsed by SGLang's own ServerArgs on this machine.
+    engine = SGLangEngine(sglang_deployment(tiny_llama, sglang_python, args=("--tp-size", "2", "--pp-size", "2")))
+    engine.validate()
+    assert engine.checked["device"] == "cuda" and engine.checked["sglang"] == "0.5.23"
+    assert (engine.resources().num_cpus, engine.resources().num_gpus) == (1, 4)

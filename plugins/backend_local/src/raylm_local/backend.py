@@ -53,6 +53,11 @@ class LocalBackend(Backend):
     def head_is_local(self) -> bool:  # type: ignore[override]
         return not self.options.get("address")
 
+    @property
+    def may_add_nodes(self) -> bool:  # type: ignore[override]
+        # The embedded head is all there is; a cluster given by address may have an autoscaler.
+        return bool(self.options.get("address"))
+
     def up(self, progress: Progress) -> ClusterStatus:
         address = self.options.get("address")
         if address:
