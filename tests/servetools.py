@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from raylm import server_process
-from raylm.testing.processes import processes_matching
+from raylm.testing.processes import deployment_processes, processes_matching
 
 RAYLM = str(Path(sys.executable).parent / "raylm")
 
@@ -29,9 +29,10 @@ def assert_port_free(port):
         probe.listen()
 
 
-def leftovers(ray_temp_dir, *served_names):
-    """Processes of this deployment still alive: Ray's (by its temp dir) and the engines (by served name)."""
-    found = processes_matching(str(ray_temp_dir))
+def leftovers(ray_temp_dir, deployment, *served_names):
+    """Processes of this deployment still alive: Ray's (by its temp dir), the engines' and their children
+    (by the deployment's marker) and engine servers by served name."""
+    found = processes_matching(str(ray_temp_dir)) + deployment_processes(deployment)
     for name in served_names:
         found += processes_matching("vllm.entrypoints", f"--served-model-name {name} ")
     return found

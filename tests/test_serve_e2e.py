@@ -59,7 +59,7 @@ def deployment(tmp_path_factory, tiny_model, minilm_model):
     stopped = run_cli("stop", "e2e", env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert "did not stop" not in stopped.stderr, "Ray's processes had to be killed"
-    assert leftovers(ray_temp_dir, "tiny-e2e", "minilm-e2e") == []
+    assert leftovers(ray_temp_dir, "e2e", "tiny-e2e", "minilm-e2e") == []
     assert_port_free(port)
     assert run_cli("status", env=env).stdout.strip() == "no deployments running"
 

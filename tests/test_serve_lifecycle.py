@@ -70,7 +70,7 @@ def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_model):
     assert client.completions.create(model="fg-tiny", prompt="Hello", max_tokens=4).usage.completion_tokens == 4
 
     assert serving.ctrl_c() == 0
-    assert leftovers(ray_temp_dir(tmp_path, "fg-tiny"), "fg-tiny") == []
+    assert leftovers(ray_temp_dir(tmp_path, "fg-tiny"), "fg-tiny", "fg-tiny") == []
     assert_port_free(port)
 
 
@@ -82,7 +82,7 @@ def test_a_foreground_serve_ends_when_stopped_from_another_shell(tmp_path, tiny_
     assert stopped.returncode == 0, stopped.stderr
     serving.wait_for("fg-other was stopped from elsewhere", timeout_s=30)
     assert serving.process.wait(timeout=30) == 0
-    assert leftovers(ray_temp_dir(tmp_path, "fg-other"), "fg-other") == []
+    assert leftovers(ray_temp_dir(tmp_path, "fg-other"), "fg-other", "fg-other") == []
 
 
 def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_model):
@@ -90,7 +90,7 @@ def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_model):
     starting = Foreground(str(tiny_model), "--name", "fg-early", "--port", str(port), *TINY_ARGV, home=tmp_path)
     starting.wait_for("fg-early: deploying", timeout_s=300)
     assert starting.ctrl_c() == 130
-    assert leftovers(ray_temp_dir(tmp_path, "fg-early"), "fg-early") == []
+    assert leftovers(ray_temp_dir(tmp_path, "fg-early"), "fg-early", "fg-early") == []
     assert_port_free(port)
 
 
@@ -113,6 +113,6 @@ def test_an_engine_that_fails_to_start_is_reported_and_cleaned_up(raylm_home, ti
     assert "(its output: /" in message
     assert "cleaning up" in " ".join(messages)
     assert not any("did not stop" in line for line in messages), messages
-    assert leftovers(ray_temp_dir(raylm_home, "doomed"), "doomed") == []
+    assert leftovers(ray_temp_dir(raylm_home, "doomed"), "doomed", "doomed") == []
     assert Records("deployments").names() == []
     assert_port_free(port)

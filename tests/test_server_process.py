@@ -1,13 +1,18 @@
-"""An engine server as a child process: what it leaves behind when it stops, what it says when it fails."""
+"""An engine server as a child process: what it leaves behind when it stops or dies, what it says when it fails."""
 
 import asyncio
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import time
 
+import psutil
 import pytest
 
 from raylm.errors import DeploymentError
+from raylm.processes import marked_processes
 from raylm.server_process import ServerProcess, free_port, free_ports_in, torch_compile_cache
 
 # A stand-in engine server: writes a temporary file as vLLM does (its distributed-init file), then serves.
@@ -133,3 +138,75 @@ def test_ports_picked_together_differ_and_are_free():
     for port in ports:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+# A stand-in engine server that starts a worker process, as vLLM starts its engine core, and prints
+# the worker's pid. The worker ignores SIGTERM when told to (a stuck engine).
+SPAWNING_SERVER = """
+import http.server, subprocess, sys
+worker = "import signal, sys, time\\n" \\
+    "if sys.argv[1] == 'stubborn': signal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", worker, sys.argv[2]])
+print("worker", child.pid, flush=True)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def start_spawning_server(mark: str, worker: str = "polite") -> tuple[ServerProcess, int]:
+    port = free_port("127.0.0.1")
+    server = ServerProcess(
+        "stand-in", [sys.executable, "-c", SPAWNING_SERVER, str(port), worker], env={"RAYLM_TEST_MARK": mark}, grace_s=2
+    )
+    server.start()
+    asyncio.run(server.wait_healthy(f"http://127.0.0.1:{port}/", 30))
+    wait_until(lambda: "worker" in " ".join(server.last_lines()))
+    return server, int(next(line for line in server.last_lines() if line.startswith("worker")).split()[1])
+
+
+def wait_until(condition, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_killed_server_takes_the_processes_it_started_with_it():
+    server, worker = start_spawning_server("killed-server")
+    (engine,) = psutil.Process(server.process.pid).children()  # the server, under its supervisor
+    engine.kill()  # what the OOM killer does
+    wait_until(lambda: not psutil.pid_exists(worker))
+    assert server.process.wait(10) == 128 + signal.SIGKILL  # the server's fate, as an exit code
+    assert marked_processes("RAYLM_TEST_MARK", "killed-server") == []
+    asyncio.run(server.stop())
+
+
+def test_stop_ends_a_worker_that_ignores_sigterm_after_the_grace_time():
+    server, worker = start_spawning_server("stubborn", worker="stubborn")
+    started = time.monotonic()
+    asyncio.run(server.stop())
+    assert not psutil.pid_exists(worker)
+    assert 1.5 < time.monotonic() - started < 10, "SIGKILL after the 2 s grace"
+    assert marked_processes("RAYLM_TEST_MARK", "stubborn") == []
+
+
+# A stand-in replica: starts the server, then waits to be killed.
+REPLICA = """
+import sys, time
+sys.path[:0] = sys.argv[2:]
+from test_server_process import start_spawning_server
+server, worker = start_spawning_server(sys.argv[1])
+print(worker, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_replica_takes_its_server_and_the_servers_processes_with_it():
+    replica = subprocess.Popen(
+        [sys.executable, "-c", REPLICA, "killed-replica", *sys.path], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(replica.stdout.readline())
+    assert len(marked_processes("RAYLM_TEST_MARK", "killed-replica")) == 3  # supervisor, server, worker
+    replica.kill()
+    replica.wait()
+    wait_until(lambda: marked_processes("RAYLM_TEST_MARK", "killed-replica") == [])
+    assert not psutil.pid_exists(worker)

@@ -24,6 +24,7 @@ from raylm.engine import Engine
 from raylm.errors import ConfigError, DeploymentError
 from raylm.placement import describe, node_need, unplaceable
 from raylm.plugins import Registry, get_registry
+from raylm.processes import DEPLOYMENT_MARKER, end_processes, marked_processes
 from raylm.server_process import http_ok
 from raylm.state import Records
 
@@ -230,14 +231,15 @@ def _deploy(
     targets = [serve.RunTarget(target=router, name=router_app, route_prefix=None)]
     for engine, app in zip(engines, model_apps):
         model, resources = engine.deployment, engine.resources()
-        runtime_env: dict[str, Any] = {}
-        if model.env:
-            runtime_env["env_vars"] = dict(model.env)
+        # The marker reaches every process an engine starts: `stop` looks for what is left by it.
+        runtime_env: dict[str, Any] = {"env_vars": {**model.env, DEPLOYMENT_MARKER: plan.name}}
         if model.python:
             runtime_env["py_executable"] = model.python
-        options: dict[str, Any] = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus}
-        if runtime_env:
-            options["runtime_env"] = runtime_env
+        options: dict[str, Any] = {
+            "num_cpus": resources.num_cpus,
+            "num_gpus": resources.num_gpus,
+            "runtime_env": runtime_env,
+        }
         replica = serve.deployment(
             ModelReplica,
             name="Model",
@@ -330,10 +332,20 @@ def stop(name: str | None = None, *, progress: Progress = _stderr, registry: Reg
         if record["owns_cluster"] and not _hand_over_cluster(record):
             backend.down(progress)
         if record["head_is_local"]:
+            _end_leftovers(each, progress)
             _wait_port_released(record["host"], record["port"])
         DEPLOYMENTS.delete(each)
         progress(f"stopped {each}")
     return names
+
+
+def _end_leftovers(name: str, progress: Progress) -> None:
+    """End processes of the deployment's engines still running on this machine, and say so."""
+    leftovers = marked_processes(DEPLOYMENT_MARKER, name)
+    if leftovers:
+        end_processes(leftovers, grace_s=5)
+        pids = ", ".join(str(process.pid) for process in leftovers)
+        progress(f"ended {len(leftovers)} process(es) the engines of {name} had left running (pids {pids})")
 
 
 def _hand_over_cluster(record: dict[str, Any]) -> bool:

@@ -1,25 +1,23 @@
 """Engines that run their own HTTP server as a child process of the replica.
 
 `ServerEngine` is the base class of such engines (vLLM, SGLang). `ServerProcess`
-starts the server in a session of its own (so stopping it stops every process
-it spawned), asks Linux to stop it if the replica dies (`PR_SET_PDEATHSIG`),
-gives it a temporary folder of its own that goes with it (torch's compile cache in it
-is shared), finds the first exception in its output (or its last lines) for error
-messages, and waits until its health URL answers.
+starts the server under `raylm.supervise`, which ends it and every process it started
+together, whatever ends first: a stop, the server's own crash, or the replica's death
+(Linux's `PR_SET_PDEATHSIG`). It gives the server a temporary folder of its own that goes
+with it (torch's compile cache in it is shared), finds the first exception in its output
+(or its last lines) for error messages, and waits until its health URL answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import getpass
 import json
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,8 +32,8 @@ from typing import Any, ClassVar
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.engine_check import ERROR_PREFIX
 from raylm.errors import ClusterError, ConfigError, DeploymentError
+from raylm.processes import KILL_WAIT_S, SUPERVISOR_OUTPUT, die_with_parent
 
-PR_SET_PDEATHSIG = 1
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
 LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
 # The last line of a Python traceback, at the start of a line: "ValueError: ...", "torch.OutOfMemoryError: ...";
@@ -94,21 +92,16 @@ def torch_compile_cache() -> Path:
     return Path(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
 
 
-def _die_with_parent() -> None:
-    # Outside Linux there is no prctl; the replica's __del__ still stops the server.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ServerProcess:
     """An engine's server running as a child process, its output going straight to a log file.
 
     No pipe: an engine must never wait on a reader to write its (per-request) log lines.
     """
 
-    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None):
+    def __init__(self, name: str, command: Sequence[str], env: Mapping[str, str] | None = None, grace_s: float = 20.0):
         self.name = name
         self.command = list(command)
+        self.grace_s = grace_s
         self.extra_env = dict(env or {})
         self.process: subprocess.Popen | None = None
         self.log_path: Path | None = None
@@ -131,13 +124,13 @@ class ServerProcess:
         with tempfile.NamedTemporaryFile(dir=LOG_FOLDER, prefix=f"{safe_name}-", suffix=".log", delete=False) as log:
             self.log_path = Path(log.name)
             self.process = subprocess.Popen(
-                self.command,
+                [sys.executable, "-m", "raylm.supervise", "--grace", str(self.grace_s), "--", *self.command],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         print(f"raylm: {self.name} (pid {self.process.pid}) logs to {self.log_path}", file=sys.stderr, flush=True)
 
@@ -147,7 +140,7 @@ class ServerProcess:
         with open(self.log_path, "rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - 16384))
             lines = log.read().decode(errors="replace").splitlines()
-        return [line for line in lines if line.strip()][-count:]
+        return [line for line in lines if line.strip() and not line.startswith(SUPERVISOR_OUTPUT)][-count:]
 
     def first_exception(self) -> str | None:
         """The first exception line of a Python traceback in the output (e.g. `ValueError: ...`).
@@ -184,36 +177,17 @@ class ServerProcess:
                 raise self.failure(f"{self.name} did not become healthy within {timeout_s:.0f}s")
             await asyncio.sleep(0.5)
 
-    async def stop(self, grace_s: float = 20.0) -> None:
+    async def stop(self) -> None:
+        """End the server and everything it started (its supervisor does), then remove its folder."""
         if self.process is not None and self.process.poll() is None:
-            await self._end_session(grace_s)
+            self.process.terminate()
+            try:
+                await asyncio.to_thread(self.process.wait, self.grace_s + KILL_WAIT_S + 5)
+            except subprocess.TimeoutExpired:  # the supervisor itself hangs: the server's parent-death signal remains
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
         if self.temp_dir is not None:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-    async def _end_session(self, grace_s: float) -> None:
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(self.process.pid, sig)  # the whole session: the server and every process it spawned
-            except ProcessLookupError:
-                return
-            try:
-                await asyncio.to_thread(self.process.wait, wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        _kill_session_leftovers(self.process.pid)
-
-
-def _kill_session_leftovers(session_id: int) -> None:
-    """Kill processes left in the server's session after its leader exited (e.g. engine workers)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry)) == session_id:
-                os.kill(int(entry), signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            continue
 
 
 def address_answers(address: str, timeout_s: float = 2.0) -> bool:

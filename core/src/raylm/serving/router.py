@@ -379,7 +379,8 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
         elif connection.reused and self.transport is not None:
             # The engine closed an idle connection as our request crossed it: it never saw the request.
-            self.router.forward(self, connection.upstream, connection.request, retries=0, reuse=False)
+            # Resent on a new connection; if that cannot connect, the engine is gone: another replica.
+            self.router.forward(self, connection.upstream, connection.request, retries=1, reuse=False)
         else:
             self.reply(
                 502, error_body(502, f"the engine serving model {connection.upstream.model!r} closed the connection")

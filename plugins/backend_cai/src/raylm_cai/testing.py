@@ -38,7 +38,6 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import string
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from raylm.processes import end_processes
 from raylm.server_process import free_ports_in
 
 DEFAULT_RUNTIME = (
@@ -687,23 +687,21 @@ class FakeCML:
             workload = self._workloads.pop(workload_id, None)
         if workload is None or workload.process is None:
             return
+        # A pod's processes are everything started in it: all carry its TMPDIR, or a folder inside it
+        # (an engine server gets a temporary folder of its own there).
         marker = f"{self.pod_tmp_root}/{workload.engine_id[:8]}"
         members = []
         for process in psutil.process_iter():
             try:
-                if process.environ().get("TMPDIR") == marker:
+                tmpdir = process.environ().get("TMPDIR", "")
+                if tmpdir == marker or tmpdir.startswith(marker + "/"):
                     members.append(process)
             except psutil.Error:
                 continue
-        if workload.process.poll() is None:
-            workload.process.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(members, timeout=STOP_GRACE_S)
-        if alive:
+        # Like a container runtime: SIGTERM to the pod's first process, SIGKILL to all after the grace time.
+        first = next((p for p in members if p.pid == workload.process.pid), None)
+        if end_processes(members, STOP_GRACE_S, leader=first):
             self.killed_after_grace.append(workload_id)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(alive, timeout=5)
         workload.process.wait()
 
     def _watch(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,10 +11,14 @@ from pathlib import Path
 
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
+from raylm.processes import end_processes, marked_processes
 from raylm.server_process import address_answers, free_ports_in
 from raylm.state import Records, raylm_home
 
 CLUSTERS = Records("clusters/local")
+# In the environment of every process of an embedded head (inherited by Ray's workers and what they
+# start), so `down` finds them all: its value is the cluster's Ray folder, unique on this machine.
+CLUSTER_MARKER = "RAYLM_LOCAL_CLUSTER"
 START_TIMEOUT_S = 120
 STOP_GRACE_S = 15
 
@@ -116,7 +119,7 @@ class LocalBackend(Backend):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                env={**EMBEDDED_HEAD_ENVIRONMENT, **os.environ},
+                env={**EMBEDDED_HEAD_ENVIRONMENT, **os.environ, CLUSTER_MARKER: str(temp_dir)},
             )
         address = f"127.0.0.1:{gcs_port}"
         CLUSTERS.save(
@@ -186,23 +189,14 @@ class LocalBackend(Backend):
         record = CLUSTERS.load(self.cluster_name)
         if record is None:
             return
-        import psutil
-
-        try:
-            root = psutil.Process(record["pid"])
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        progress(f"stopping the local Ray head {self.cluster_name!r} ({len(tree)} processes)")
-        if tree:
-            # `ray start --block` stops every Ray process it started when it gets SIGTERM.
-            tree[0].send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
-        if alive:
-            progress(f"{len(alive)} Ray processes did not stop within {STOP_GRACE_S}s; killing them")
-        for process in alive:
-            process.kill()
-        psutil.wait_procs(alive, timeout=5)
+        # Every process of the cluster carries its marker: Ray's, its workers' and what they started.
+        members = marked_processes(CLUSTER_MARKER, record["temp_dir"])
+        head = next((p for p in members if p.pid == record["pid"] and _is_our_ray_head(p.pid)), None)
+        progress(f"stopping the local Ray head {self.cluster_name!r} ({len(members)} processes)")
+        # `ray start --block` stops every Ray process it started when it gets SIGTERM.
+        killed = end_processes(members, STOP_GRACE_S, leader=head)
+        if killed:
+            progress(f"{len(killed)} processes of the cluster did not stop within {STOP_GRACE_S}s; killed them")
         CLUSTERS.delete(self.cluster_name)
 
 
