@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import median, run_load  # noqa: E402
-from run import ENGINES, LOADS, MAX_TOKENS, MODEL_NAME, REPO, first_token, free_port, start, stop  # noqa: E402
+from servers import ENGINES, MAX_TOKENS, MODEL_NAME, REPO, REQUESTS, first_token, free_port, start, stop  # noqa: E402
 
 from raylm.testing.models import build_tiny_llama  # noqa: E402
 
@@ -35,8 +35,8 @@ async def measure(port: int, repeats: int) -> dict[str, float]:
     await run_load(url, MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS)  # warm-up
     ttfts, rates = [], []
     for _ in range(repeats):
-        one = await run_load(url, MODEL_NAME, concurrency=1, requests=LOADS[1], max_tokens=MAX_TOKENS)
-        many = await run_load(url, MODEL_NAME, concurrency=16, requests=LOADS[16], max_tokens=MAX_TOKENS)
+        one = await run_load(url, MODEL_NAME, concurrency=1, requests=REQUESTS[1], max_tokens=MAX_TOKENS)
+        many = await run_load(url, MODEL_NAME, concurrency=16, requests=REQUESTS[16], max_tokens=MAX_TOKENS)
         ttfts.append(one.ttft_ms(0.5))
         rates.append(many.requests_per_second)
     return {"c=1 TTFT p50 (ms)": median(ttfts), "c=16 req/s": median(rates)}

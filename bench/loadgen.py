@@ -91,12 +91,9 @@ class Connection:
             self.writer.close()
 
 
-async def run_load(
-    url: str, model: str, *, concurrency: int, requests: int, max_tokens: int, prompt: str = "Hello world, this is"
-) -> LoadResult:
-    """`requests` streaming completions from `concurrency` workers, each on its own keep-alive connection."""
-    parts = urlsplit(url)
-    payload = {
+def completion_request(model: str, max_tokens: int, prompt: str) -> dict:
+    """The benchmark's request: a streamed completion of exactly `max_tokens` tokens."""
+    return {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -104,6 +101,14 @@ async def run_load(
         "temperature": 0.0,
         "ignore_eos": True,
     }
+
+
+async def run_load(
+    url: str, model: str, *, concurrency: int, requests: int, max_tokens: int, prompt: str = "Hello world, this is"
+) -> LoadResult:
+    """`requests` streaming completions from `concurrency` workers, each on its own keep-alive connection."""
+    parts = urlsplit(url)
+    payload = completion_request(model, max_tokens, prompt)
     remaining = requests
     ttfts: list[float] = []
     errors = 0
@@ -134,3 +139,53 @@ async def run_load(
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+async def run_load_aiohttp(
+    url: str, model: str, *, concurrency: int, requests: int, max_tokens: int, prompt: str = "Hello world, this is"
+) -> LoadResult:
+    """The same load from an ordinary client: aiohttp, one session with keep-alive connections, reading
+    the stream line by line as SSE clients do. A second opinion on `run_load`'s timing."""
+    import aiohttp
+
+    payload = completion_request(model, max_tokens, prompt)
+    remaining = requests
+    ttfts: list[float] = []
+    errors = 0
+
+    async def one(session: aiohttp.ClientSession) -> float | None:
+        start = time.perf_counter()
+        first_token = None
+        async with session.post(f"{url}/v1/completions", json=payload) as response:
+            if response.status != 200:
+                await response.read()
+                return None
+            done = False
+            async for line in response.content:
+                if first_token is None and carries_token(line):
+                    first_token = time.perf_counter() - start
+                done = done or line.startswith(b"data: [DONE]")
+        return first_token if done else None
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal remaining, errors
+        while remaining > 0:
+            remaining -= 1
+            try:
+                ttft = await one(session)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ttft = None
+            if ttft is None:
+                errors += 1
+            else:
+                ttfts.append(ttft)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return LoadResult(requests=len(ttfts), errors=errors, seconds=seconds, ttfts=ttfts)
+
+
+LOAD_GENERATORS = {"loadgen": run_load, "aiohttp": run_load_aiohttp}

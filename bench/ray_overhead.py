@@ -4,12 +4,12 @@
 
 Serves the tiny model through raylm (local backend, vLLM) alternately with
 Ray's default background settings and with the settings raylm's embedded head
-uses (`raylm_local.backend.EMBEDDED_HEAD_ENVIRONMENT`; the environment wins
+uses (`raylm.ray_nodes.SERVING_NODE_ENVIRONMENT`; the environment wins
 over them, which is how the first configuration gets Ray's defaults; the log
 monitor, a `ray start` option, is off in both). For each,
 it samples the CPU that Ray's and Serve's processes take while the deployment
 is idle, then measures cold start and streaming completions at concurrency 1
-and 16 as `bench/run.py` does.
+and 16 with bench/loadgen.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loadgen import median  # noqa: E402
-from run import ENGINES, REPO, measure  # noqa: E402
+from servers import ENGINES, REPO, load, serving, warm_up  # noqa: E402
 
 from raylm.testing.models import build_tiny_llama  # noqa: E402
 
@@ -68,9 +68,16 @@ def ray_cpu_percent(seconds: float) -> float:
     return 100 * used / seconds
 
 
-def ray_idle_cpu() -> dict[str, float]:
-    time.sleep(5)  # let the warm-up's aftermath settle
-    return {"Ray's CPU, idle (% of a core)": ray_cpu_percent(20)}
+async def measure(label: str, command, env: dict, repeats: int, results: dict) -> None:
+    async with serving(label, command, env, signal.SIGINT) as (url, cold_start):
+        results.setdefault((label, "cold start (s)"), []).append(cold_start)
+        await warm_up(url)
+        time.sleep(5)  # let the warm-up's aftermath settle
+        results.setdefault((label, "Ray's CPU, idle (% of a core)"), []).append(ray_cpu_percent(20))
+        loads: dict = {}
+        await load(label, url, [1, 16], repeats, loads, generators=("loadgen",))
+        for (_, _, concurrency, metric), values in loads.items():
+            results.setdefault((label, f"c={concurrency} {metric}"), []).extend(values)
 
 
 def main() -> None:
@@ -86,7 +93,7 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
         for label, overrides in CONFIGURATIONS.items():
             env = {"RAYLM_HOME": home, "HF_HUB_OFFLINE": "1", **overrides}
-            asyncio.run(measure(label, command, env, signal.SIGINT, args.repeats, results, while_idle=ray_idle_cpu))
+            asyncio.run(measure(label, command, env, args.repeats, results))
     labels = list(CONFIGURATIONS)
     print(f"\n{'metric (medians)':32}" + "".join(f"{label:>24}" for label in labels))
     for metric in dict.fromkeys(m for _, m in results):

@@ -8,10 +8,13 @@ endpoint; the module ends with `raylm stop`, which must leave nothing running.
 import json
 import math
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 from servetools import assert_port_free, free_port, leftovers, run_cli
@@ -193,3 +196,96 @@ def test_serving_the_same_name_again_is_refused(deployment, tiny_model):
     again = run_cli("serve", str(tiny_model), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
     assert again.returncode == 1
     assert "a deployment named 'e2e' already runs" in again.stderr.strip().splitlines()[-1]
+
+
+# Crashes, last in this module: they cost the deployment a replica each (Serve replaces it), and the
+# module's `raylm stop` then checks that nothing of the crashed engines is left either.
+
+
+def engine_servers(model):
+    """vLLM's API server processes serving `model` (each runs under its supervisor)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and f"--served-model-name {model} " in (
+            " ".join(command) + " "
+        ):
+            found.append(process)
+    return found
+
+
+def wait_until(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what() if callable(what) else what} within {timeout_s}s"
+        time.sleep(0.5)
+
+
+def living(processes):
+    found = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.append(f"{process.pid} {process.name()} (parent {process.ppid()})")
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+class Traffic:
+    """Requests one after another from a thread while a test breaks things; keeps every outcome."""
+
+    def __init__(self, client):
+        self.client, self.outcomes, self.stopped = client, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopped.is_set():
+            try:
+                self.client.completions.create(model="tiny-e2e", prompt="Hello", max_tokens=4, timeout=60)
+                self.outcomes.append("ok")
+            except openai.APIError as exc:
+                self.outcomes.append(repr(exc))
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=90)
+        return self.outcomes
+
+
+def test_a_killed_engine_server_leaves_nothing_and_the_deployment_keeps_answering(deployment, client):
+    servers = engine_servers("tiny-e2e")
+    assert len(servers) == 2
+    victim = servers[0]
+    family = [victim, *victim.children(recursive=True)]  # its engine core and worker
+    assert len(family) >= 3, [p.name() for p in family]
+    traffic = Traffic(client)
+    time.sleep(2)
+    victim.kill()  # what the OOM killer does
+    wait_until(lambda: not living(family), 60, lambda: f"the killed server's processes end: {living(family)} left")
+
+    def replaced():
+        current = engine_servers("tiny-e2e")
+        routed = httpx.get(f"{deployment['url']}/v1/models").json()["data"]
+        replicas = next(m["replicas"] for m in routed if m["id"] == "tiny-e2e")
+        return len(current) == 2 and victim.pid not in [p.pid for p in current] and replicas == 2
+
+    wait_until(replaced, 300, "Serve replaces the replica and it takes traffic")
+    outcomes = traffic.stop()
+    failed = [o for o in outcomes if o != "ok"]
+    assert len(outcomes) > 20 and len(failed) <= 1, failed  # at most the one in flight on the dead replica
+
+
+def test_a_killed_replica_takes_its_engine_and_the_engines_processes_with_it(deployment):
+    server = engine_servers("tiny-e2e")[0]
+    supervisor = server.parent()
+    replica = supervisor.parent()
+    assert "ServeReplica" in " ".join(replica.cmdline()) or "ray::" in replica.name(), replica.cmdline()
+    # The engine stays in its replica's session, the scheduling group of the router and Ray's workers.
+    assert os.getsid(server.pid) == os.getsid(replica.pid) == os.getsid(0)
+    family = [supervisor, server, *server.children(recursive=True)]
+    replica.kill()
+    wait_until(
+        lambda: not living(family), 20, lambda: f"the replica's engine and its processes end: {living(family)} left"
+    )

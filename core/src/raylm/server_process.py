@@ -129,7 +129,8 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                # No session of its own: the engine stays in its replica's scheduling group, with the
+                # router and Ray's workers, which its busy-wait loops then yield to (see raylm.ray_nodes).
                 preexec_fn=die_with_parent,
             )
         print(f"raylm: {self.name} (pid {self.process.pid}) logs to {self.log_path}", file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
 TINY_ARGS = args_to_argv(TINY_LLAMA_VLLM_ARGS)
+ENGINE_SERVER = ["-m", "vllm.entrypoints.openai.api_server"]
 
 pytestmark = pytest.mark.engine
 
@@ -111,6 +112,9 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     assert completion.usage.completion_tokens == 8
     stream = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
     assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+
+    (engine,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ENGINE_SERVER]
+    assert engine.nice() == 0, "Ray's default worker niceness (15) reached the engine on a CML node"
 
     secrets = {"API key": API_KEY, "Ray token": token_file.read_text().strip()}
     assert_not_in_command_lines(secrets)

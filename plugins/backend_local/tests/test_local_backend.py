@@ -11,9 +11,10 @@ import psutil
 import pytest
 
 from raylm.errors import ClusterError
+from raylm.ray_nodes import HEAD_ENVIRONMENT, SERVING_NODE_ENVIRONMENT
 from raylm.testing.contracts import BackendContract
 from raylm.testing.processes import processes_matching
-from raylm_local.backend import CLUSTERS, EMBEDDED_HEAD_ENVIRONMENT, LocalBackend
+from raylm_local.backend import CLUSTERS, LocalBackend
 
 
 class TestLocalBackend(BackendContract):
@@ -38,13 +39,14 @@ def running_head(raylm_home):
     head.down(print)
 
 
+HEAD_SETTINGS = {**SERVING_NODE_ENVIRONMENT, **HEAD_ENVIRONMENT}
 WORKER_SETTINGS = """
 import json, os, sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
 keys = json.loads(sys.argv[2])
 @ray.remote
 def settings():
-    return {"niceness": os.nice(0), "environment": {key: os.environ.get(key) for key in keys}}
+    return {"niceness": os.nice(0), "session": os.getsid(0), "environment": {key: os.environ.get(key) for key in keys}}
 print(json.dumps(ray.get(settings.remote())))
 """
 
@@ -55,7 +57,7 @@ def test_the_embedded_head_runs_workers_with_its_settings_and_the_environment_wi
     address = head.up(print).address
     try:
         driver = subprocess.run(
-            [sys.executable, "-c", WORKER_SETTINGS, address, json.dumps(list(EMBEDDED_HEAD_ENVIRONMENT))],
+            [sys.executable, "-c", WORKER_SETTINGS, address, json.dumps(list(HEAD_SETTINGS))],
             capture_output=True,
             text=True,
             timeout=120,
@@ -65,7 +67,9 @@ def test_the_embedded_head_runs_workers_with_its_settings_and_the_environment_wi
     assert driver.returncode == 0, driver.stderr
     seen = json.loads(driver.stdout.strip().splitlines()[-1])
     assert seen["niceness"] == 0, "Ray's default worker niceness (15) starves the engines"
-    assert seen["environment"] == {**EMBEDDED_HEAD_ENVIRONMENT, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.3"}
+    assert seen["environment"] == {**HEAD_SETTINGS, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.3"}
+    # The engines' busy loops yield the CPU only within their session's scheduling group (autogroup).
+    assert seen["session"] == os.getsid(0), "Ray's workers must stay in the session that started the head"
 
 
 def test_connecting_by_address_never_stops_that_cluster(running_head):

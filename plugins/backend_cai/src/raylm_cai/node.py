@@ -33,6 +33,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from raylm.ray_nodes import serving_node_environment, serving_node_options
 from raylm.server_process import address_answers
 
 GCS_PORT = 6379
@@ -68,11 +69,11 @@ def main() -> None:
     if not (folder / "token").is_file():
         sys.exit(f"raylm: no Ray token at {folder / 'token'}; start the cluster with `raylm cluster up --backend cai`")
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *_node_options(ip)]
-    environment = {**os.environ, **ray_auth_environment(folder)}
+    # raylm's serving settings for Ray nodes (raylm.ray_nodes). A head stops without Ray's node drain
+    # (it would only use up CML's grace time: the cluster ends with it); workers keep theirs, so Serve
+    # can move their replicas.
+    environment = {**serving_node_environment(os.environ, head=role == "head"), **ray_auth_environment(folder)}
     if role == "head":
-        # Ray drains a node for up to 30 s on SIGTERM; when the head stops, the cluster ends, so that
-        # would only use up CML's grace time. Workers keep the drain: Serve moves their replicas.
-        environment.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
         (folder / "head.json").unlink(missing_ok=True)
         command += ["--head", f"--port={GCS_PORT}", "--include-dashboard=true"]
         command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={app_port}"]
@@ -113,7 +114,7 @@ def _node_options(ip: str) -> list[str]:
         f"--object-store-memory={int(memory * OBJECT_STORE_SHARE)}",
         # Short and private to the pod: Unix socket paths must stay under 108 bytes.
         f"--temp-dir={Path(tempfile.gettempdir()) / 'raylm-ray'}",
-        "--disable-usage-stats",
+        *serving_node_options(),
     ]
 
 

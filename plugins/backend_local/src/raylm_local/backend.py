@@ -12,6 +12,7 @@ from pathlib import Path
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
 from raylm.processes import end_processes, marked_processes
+from raylm.ray_nodes import serving_node_environment, serving_node_options
 from raylm.server_process import address_answers, free_ports_in
 from raylm.state import Records, raylm_home
 
@@ -26,22 +27,6 @@ STOP_GRACE_S = 15
 # Ray binds these ports some time after we pick them: below the ephemeral range, apart from Ray's defaults.
 RAY_PORT_RANGE = range(20000, 30000)
 
-# The embedded head shares this machine with the engines, so Ray's own background work is cut to
-# what raylm uses (the environment still wins). On 2 vCPUs this takes Ray's idle CPU from ~14% to
-# ~7% of a core (bench/ray_overhead.py). Nothing reads metrics, task events or node stats without
-# the dashboard.
-EMBEDDED_HEAD_ENVIRONMENT = {
-    "RAY_worker_niceness": "0",  # Ray's default 15 makes the replicas' engines lose the CPU to anything else
-    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",  # default 0.1: the controller was Ray's busiest idle process
-    "RAY_enable_metrics_collection": "0",
-    "RAY_enable_task_events": "0",
-    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",  # default 100: each replica woke 10 times a second for it
-    "REPORTER_UPDATE_INTERVAL_MS": "60000",  # default 5000: the dashboard agent's node stats
-    # Ray 2.60 drains a head for up to 30 s on SIGTERM, for load balancers in front of Serve. raylm
-    # deletes its apps before it stops the head, so there is nothing to drain (it only delayed `stop`).
-    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-}
-
 
 def ray_temp_dir(home: Path, cluster: str) -> Path:
     """Ray's folder for a cluster: short (Unix socket paths stop at ~107 bytes) and apart per RAYLM_HOME."""
@@ -50,7 +35,8 @@ def ray_temp_dir(home: Path, cluster: str) -> Path:
 
 
 class LocalBackend(Backend):
-    """`up` runs `ray start --head --block` in its own session; `down` stops exactly that process tree."""
+    """`up` runs `ray start --head --block` in a process group of its own; `down` stops it and every process
+    that carries the cluster's marker."""
 
     @property
     def head_is_local(self) -> bool:  # type: ignore[override]
@@ -98,11 +84,7 @@ class LocalBackend(Backend):
             str(temp_dir),
             "--include-dashboard",
             "false",
-            "--disable-usage-stats",
-            # The log monitor streams workers' output to drivers; raylm's driver asks for none
-            # (log_to_driver=False), and the files stay in the session folder.
-            "--include-log-monitor",
-            "false",
+            *serving_node_options(),
             # Fixed default ports would collide with any other Ray on this machine.
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={client_server_port}",
@@ -112,14 +94,15 @@ class LocalBackend(Backend):
             command.append(f"--num-gpus={self.options['num_gpus']}")
         progress(f"starting a local Ray head ({num_cpus} logical CPUs); log: {log_path}")
         with open(log_path, "wb") as log:
-            # A session of its own: Ctrl-C in the user's terminal does not reach Ray, `down` does.
+            # A process group of its own: Ctrl-C in the user's terminal does not reach Ray, `down` does.
+            # The session stays the caller's, the scheduling group of what it starts (raylm.ray_nodes).
             process = subprocess.Popen(
                 command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**EMBEDDED_HEAD_ENVIRONMENT, **os.environ, CLUSTER_MARKER: str(temp_dir)},
+                preexec_fn=os.setpgrp,
+                env={**serving_node_environment(os.environ, head=True), CLUSTER_MARKER: str(temp_dir)},
             )
         address = f"127.0.0.1:{gcs_port}"
         CLUSTERS.save(
