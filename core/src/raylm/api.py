@@ -14,7 +14,7 @@ import re
 import sys
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,8 +80,8 @@ def _app_name(deployment: str, part: str) -> str:
     return f"raylm-{deployment}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", part)
 
 
-def _prepare_engines(plan: ServePlan, registry: Registry, progress: Progress) -> list[Engine]:
-    """Resolve, construct and validate every model's engine, before anything starts."""
+def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
+    """Every model's engine, its model path checked; its arguments are checked by `_check_engines`."""
     engines = []
     for model in plan.models:
         # An engine in its own environment (`python`) is checked there, by its validate().
@@ -90,15 +90,25 @@ def _prepare_engines(plan: ServePlan, registry: Registry, progress: Progress) ->
         if os.path.exists(model.model):  # replicas do not run in this folder
             model = replace(model, model=os.path.abspath(model.model))
         engines.append(spec.engine_class(model))
-    progress(f"checking the engine arguments of {', '.join(m.name for m in plan.models)}")
-    # Engine checks may run the engine's own parser in a child process: run them side by side.
-    with ThreadPoolExecutor(max_workers=len(engines)) as pool:
-        for future in [pool.submit(engine.validate) for engine in engines]:
-            future.result()
+    return engines
+
+
+def _check_engines(engines: list[Engine], progress: Progress) -> list[Future]:
+    """Start every engine's argument check (the engine's own parser, in a child process), side by side."""
+    progress(f"checking the engine arguments of {', '.join(e.deployment.name for e in engines)}")
+    pool = ThreadPoolExecutor(max_workers=len(engines))
+    checks = [pool.submit(engine.validate) for engine in engines]
+    pool.shutdown(wait=False)
+    return checks
+
+
+def _checked(engines: list[Engine], checks: list[Future], progress: Progress) -> None:
+    """Wait for the checks; raise the first engine's complaint, else say what each replica needs."""
+    for check in checks:
+        check.result()
     for engine in engines:
         model = engine.deployment
         progress(f"{model.name}: {model.replicas} replica(s), each needs {describe(node_need(engine.resources()))}")
-    return engines
 
 
 def _check_capacity(engines: list[Engine], backend: Backend, progress: Progress) -> None:
@@ -139,10 +149,13 @@ def serve(
     if backend.head_is_local:
         check_port_free(plan.host, plan.port)
     owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
-    engines = _prepare_engines(plan, registry, progress)
+    engines = _resolve_engines(plan, registry)
+    # The engines' checks run while the cluster starts: neither needs the other.
+    checks = _check_engines(engines, progress)
     try:
         cluster = backend.up(progress)
-    except BaseException:  # e.g. Ctrl-C while the head starts: stop what was started
+        _checked(engines, checks, progress)
+    except BaseException:  # a bad engine argument, or Ctrl-C while the head starts: stop what was started
         if owns_cluster:
             backend.down(progress)
         raise

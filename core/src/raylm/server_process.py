@@ -278,7 +278,9 @@ class ServerEngine(Engine):
         command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]
         env = {**os.environ, **self.deployment.env}
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=env)
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=env, preexec_fn=die_with_parent
+            )
         except FileNotFoundError:
             raise ConfigError(f"model {self.deployment.name!r}: Python interpreter {self.python} not found") from None
         if result.returncode != 0:
