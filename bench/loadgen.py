@@ -173,7 +173,7 @@ async def run_load_aiohttp(
             remaining -= 1
             try:
                 ttft = await one(session)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 ttft = None
             if ttft is None:
                 errors += 1

@@ -31,8 +31,15 @@ def prctl(option: int, value: int) -> bool:
 
 
 def die_with_parent() -> None:
-    """For `preexec_fn`: SIGTERM this child when the thread that started it exits (its process dies)."""
+    """For `preexec_fn` of a single-threaded parent (between fork and exec, code is unsafe in a process with
+    threads): SIGTERM this child when the thread that started it exits (its process dies)."""
     prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def supervised(python: str, command: list[str], grace_s: float) -> list[str]:
+    """`command` run under `raylm.supervise` with `python` (an interpreter with raylm): it and everything it
+    starts end together, and when this process dies."""
+    return [python, "-m", "raylm.supervise", "--grace", str(grace_s), "--parent", str(os.getpid()), "--", *command]
 
 
 def end_processes(

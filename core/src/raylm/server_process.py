@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.engine_check import ERROR_PREFIX
 from raylm.errors import ClusterError, ConfigError, DeploymentError
-from raylm.processes import KILL_WAIT_S, SUPERVISOR_OUTPUT, die_with_parent
+from raylm.processes import KILL_WAIT_S, SUPERVISOR_OUTPUT, supervised
 
 # Engine server output, one file per start (kept after the server stops, for post-mortems).
 LOG_FOLDER = Path(tempfile.gettempdir()) / "raylm-engine-logs"
@@ -123,15 +123,14 @@ class ServerProcess:
         env = server_environment({"TMPDIR": str(self.temp_dir), **self.extra_env})
         with tempfile.NamedTemporaryFile(dir=LOG_FOLDER, prefix=f"{safe_name}-", suffix=".log", delete=False) as log:
             self.log_path = Path(log.name)
+            # No session of its own: the engine stays in its replica's scheduling group, with the
+            # router and Ray's workers, which its busy-wait loops then yield to (see raylm.ray_nodes).
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "raylm.supervise", "--grace", str(self.grace_s), "--", *self.command],
+                supervised(sys.executable, self.command, self.grace_s),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                # No session of its own: the engine stays in its replica's scheduling group, with the
-                # router and Ray's workers, which its busy-wait loops then yield to (see raylm.ray_nodes).
-                preexec_fn=die_with_parent,
             )
         print(f"raylm: {self.name} (pid {self.process.pid}) logs to {self.log_path}", file=sys.stderr, flush=True)
 
@@ -278,8 +277,13 @@ class ServerEngine(Engine):
         command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]
         env = {**os.environ, **self.deployment.env}
         try:
+            # Supervised, so that the check (and what it starts) ends if raylm does.
             result = subprocess.run(
-                command, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env=env, preexec_fn=die_with_parent
+                supervised(self.python, command, grace_s=5),
+                capture_output=True,
+                text=True,
+                timeout=CHECK_TIMEOUT_S,
+                env=env,
             )
         except FileNotFoundError:
             raise ConfigError(f"model {self.deployment.name!r}: Python interpreter {self.python} not found") from None

@@ -1,6 +1,6 @@
 """Run a command so that it and every process it starts end together.
 
-    python -m raylm.supervise [--grace SECONDS] -- COMMAND [ARGS...]
+    python -m raylm.supervise [--grace SECONDS] [--parent PID] -- COMMAND [ARGS...]
 
 The supervisor is a child subreaper (Linux's `PR_SET_CHILD_SUBREAPER`): a process the command
 starts that outlives its own parent (vLLM's engine core and workers when its API server is
@@ -11,7 +11,8 @@ descendants, and it ends them all:
 - when it is told to stop (SIGTERM, SIGINT, SIGHUP): SIGTERM to every descendant, SIGKILL to
   what is left after the grace time;
 - when its parent dies, even by SIGKILL (the Ray Serve replica that started it, or the whole Ray
-  node): Linux sends it SIGTERM (`PR_SET_PDEATHSIG`, set by the parent), which is a stop.
+  node): Linux sends it SIGTERM (`PR_SET_PDEATHSIG`), which is a stop. `--parent PID` names that
+  parent, so that a supervisor whose parent died before it started ends at once.
 
 Engine servers (`raylm.server_process.ServerProcess`) run under it, so one mechanism covers a
 stop, a replaced replica, a crashed engine, a killed replica and a Ray node going away.
@@ -27,7 +28,14 @@ import sys
 
 import psutil
 
-from raylm.processes import PR_SET_CHILD_SUBREAPER, SUPERVISOR_OUTPUT, die_with_parent, end_processes, prctl
+from raylm.processes import (
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_PDEATHSIG,
+    SUPERVISOR_OUTPUT,
+    die_with_parent,
+    end_processes,
+    prctl,
+)
 
 # What is left after the command exited on its own is ended without waiting long: it lost its parent.
 LEFTOVER_GRACE_S = 3.0
@@ -69,8 +77,10 @@ def _say(message: str) -> None:
     print(SUPERVISOR_OUTPUT + message, file=sys.stderr, flush=True)
 
 
-def supervise(command: list[str], grace_s: float) -> int:
-    if os.getppid() == 1:  # the parent died before PR_SET_PDEATHSIG was set
+def supervise(command: list[str], grace_s: float, parent: int | None) -> int:
+    # Set here, not by the parent: a Ray worker has threads, and code run between fork and exec is unsafe there.
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if parent is not None and os.getppid() != parent:  # the parent died before that
         return 128 + signal.SIGTERM
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     for sig in STOP_SIGNALS:
@@ -99,12 +109,13 @@ def _ignore_stops() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raylm.supervise", description=__doc__.split("\n\n")[0])
     parser.add_argument("--grace", type=float, default=20.0, help="seconds to wait after SIGTERM (default 20)")
+    parser.add_argument("--parent", type=int, help="pid of the process whose death stops everything (its starter)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
-    return supervise(command, args.grace)
+    return supervise(command, args.grace, args.parent)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ class LocalBackend(Backend):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=os.setpgrp,
+                process_group=0,
                 env={**serving_node_environment(os.environ, head=True), CLUSTER_MARKER: str(temp_dir)},
             )
         address = f"127.0.0.1:{gcs_port}"
