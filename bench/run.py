@@ -37,7 +37,7 @@ from servers import (  # noqa: E402
     MODEL_NAME,
     REPO,
     SGLANG_PYTHON,
-    engine_port,
+    engine_url,
     load,
     machine,
     serving,
@@ -77,7 +77,7 @@ async def raylm_layers(engine, model, concurrencies, repeats, results, cold_star
     command = partial(setup.through_raylm, engine, model)
     async with serving(f"raylm+{engine}", command, {"RAYLM_HOME": home}, signal.SIGINT) as (url, cold_start):
         cold_starts.setdefault((engine, "raylm"), []).append(cold_start)
-        direct = f"http://127.0.0.1:{engine_port(MODEL_NAME)}"
+        direct = engine_url(MODEL_NAME)
         await warm_up(direct)
         await load((engine, "engine-in-ray"), direct, concurrencies, repeats, results)
         await warm_up(url)

@@ -113,7 +113,7 @@ async def first_token(port: int, timeout_s: float = 1200) -> None:
         try:
             if await asyncio.wait_for(connection.stream_completion("/v1/completions", payload), 10) is not None:
                 return
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
             pass
         finally:
             connection.close()
@@ -157,7 +157,9 @@ async def serving(
 
 
 async def warm_up(url: str) -> None:
-    await LOAD_GENERATORS["loadgen"](url, MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS)
+    result = await LOAD_GENERATORS["loadgen"](url, MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS)
+    if result.errors:
+        raise RuntimeError(f"{result.errors} of 20 warm-up requests to {url} failed")
 
 
 async def load(
@@ -179,8 +181,9 @@ async def load(
                 results.setdefault((*key, "TTFT p99 (ms)"), []).append(result.ttft_ms(0.99))
 
 
-def engine_port(served_name: str) -> int:
-    """The port of the engine server a raylm replica started (read from its command line)."""
+def engine_url(served_name: str) -> str:
+    """The URL of the engine server a raylm replica started (read from its command line; it listens on
+    the node's IP as Ray registered it)."""
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
@@ -189,7 +192,7 @@ def engine_port(served_name: str) -> int:
             "--served-model-name" in command and command[command.index("--served-model-name") + 1] == served_name
         )
         if serves_it and "--port" in command:
-            return int(command[command.index("--port") + 1])
+            return f"http://{command[command.index('--host') + 1]}:{command[command.index('--port') + 1]}"
     raise RuntimeError(f"no engine server serving {served_name!r} found")
 
 
