@@ -12,8 +12,9 @@ import psutil
 import pytest
 
 from raylm.errors import DeploymentError
+from raylm.net import free_port, free_ports_in
 from raylm.processes import marked_processes
-from raylm.server_process import ServerProcess, free_port, free_ports_in, torch_compile_cache
+from raylm.server_process import ServerProcess, torch_compile_cache
 
 # A stand-in engine server: writes a temporary file as vLLM does (its distributed-init file), then serves.
 SERVER = """

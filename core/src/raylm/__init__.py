@@ -1,8 +1,9 @@
 """raylm: serve large language models on Ray Serve behind an OpenAI-compatible API.
 
 The core defines the plugin contract (hook specs, `EngineSpec`/`BackendSpec`,
-the `Engine` and `Backend` base classes) and the serving runtime; engines and
-cluster backends are separate distributions found through entry points.
+the `Engine` and `Backend` base classes, `ServerEngine` for engines that run their
+own OpenAI server) and the serving runtime; engines and cluster backends are
+separate distributions found through entry points.
 """
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ from raylm.config import ServePlan, load_plan_file
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.errors import RaylmError
 from raylm.hookspecs import hookimpl
+from raylm.server_engine import ServerEngine
 from raylm.specs import BackendOption, BackendSpec, EngineSpec, Requirement
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ReplicaResources",
     "Requirement",
     "ServePlan",
+    "ServerEngine",
     "hookimpl",
     "load_plan_file",
     "serve",

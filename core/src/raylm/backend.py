@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.errors import ClusterError
-from raylm.server_process import address_answers
+from raylm.net import address_answers
 
 Progress = Callable[[str], None]
 

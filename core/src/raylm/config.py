@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
+from raylm.net import port_is_free
 
 DEFAULT_ENGINE = "vllm"
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -80,12 +80,8 @@ def check_model_path(model: str) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"port {port} on {host} is in use ({exc.strerror}): choose another with --port") from None
+    if not port_is_free(host, port):
+        raise ConfigError(f"port {port} on {host} is in use: choose another with --port")
 
 
 def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.errors import ConfigError
-from raylm.specs import check_name
+from raylm.names import check_name
 
 
 def args_to_argv(engine_args: Mapping[str, Any]) -> tuple[str, ...]:

@@ -7,22 +7,11 @@ read them, so building one must stay cheap (no `ray`, `vllm`, `torch` imports).
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from raylm.backend import Backend
-    from raylm.engine import Engine
-
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
-
-
-def check_name(kind: str, name: object) -> None:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ValueError(
-            f"{kind} name {name!r} is invalid: use 1-40 lowercase letters, digits, '-' or '_', starting with a letter"
-        )
+from raylm.backend import Backend
+from raylm.engine import Engine
+from raylm.names import check_name
 
 
 @dataclass(frozen=True)
@@ -81,8 +70,6 @@ class EngineSpec(_ImplementationSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from raylm.engine import Engine
-
         if not (isinstance(self.engine_class, type) and issubclass(self.engine_class, Engine)):
             raise TypeError(f"engine {self.name!r}: engine_class must be a subclass of raylm.Engine")
 
@@ -116,8 +103,6 @@ class BackendSpec(_ImplementationSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from raylm.backend import Backend
-
         if not (isinstance(self.backend_class, type) and issubclass(self.backend_class, Backend)):
             raise TypeError(f"backend {self.name!r}: backend_class must be a subclass of raylm.Backend")
         object.__setattr__(self, "options", tuple(self.options))

@@ -1,22 +1,20 @@
 """An example third-party raylm backend: use the Ray cluster named by RAY_ADDRESS."""
 
 import os
-import socket
 
 import raylm
 from raylm.errors import ClusterError
+from raylm.net import address_answers
 
 
 class EnvBackend(raylm.Backend):
     """Connects to the cluster at $RAY_ADDRESS (HOST:PORT); never starts or stops one."""
 
     def status(self):
-        host, _, port = os.environ.get("RAY_ADDRESS", "").rpartition(":")
-        with socket.socket() as probe:
-            probe.settimeout(2)
-            if not port.isdigit() or probe.connect_ex((host, int(port))) != 0:
-                return None
-        return raylm.ClusterStatus("env", self.cluster_name, f"{host}:{port}", nodes_alive=1, nodes_expected=1)
+        address = os.environ.get("RAY_ADDRESS", "")
+        if not address_answers(address):
+            return None
+        return raylm.ClusterStatus("env", self.cluster_name, address, nodes_alive=1, nodes_expected=1)
 
     def up(self, progress):
         status = self.status()

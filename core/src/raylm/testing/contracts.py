@@ -29,8 +29,8 @@ import pytest
 from raylm.backend import Backend, ClusterStatus
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.errors import ConfigError
+from raylm.net import address_answers
 from raylm.plugins import Registry
-from raylm.server_process import address_answers
 from raylm.specs import BackendSpec, EngineSpec
 
 HEAVY_MODULES = ("ray", "vllm", "sglang", "torch", "transformers")

@@ -1,1 +1,1 @@
-"""raylm's `cai` backend for Cloudera Machine Learning (not implemented yet)."""
+"""raylm's `cai` backend: a Ray cluster of Cloudera Machine Learning applications, and `raylm cai deploy`."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import time
 from pathlib import Path
 from typing import Any
 
 from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.errors import ClusterError
+from raylm.waiting import StateChanges, wait_until
 from raylm_cai.client import CMLClient, CMLError, CMLSettings, inside_cml
 from raylm_cai.node import cluster_folder, ray_auth_environment, read_head_address
 
@@ -188,53 +188,57 @@ class CAIBackend(Backend):
 
     def _wait_running(self, names: list[str], progress: Progress) -> None:
         timeout_s = self.options.get("start_timeout") or 900
-        started = time.monotonic()
-        shown: dict[str, str] = {}
-        while True:
+        changes = StateChanges(progress)
+        states: dict[str, str] = {}
+
+        def all_running() -> bool:
             apps = self._applications()
             for name in names:
-                state = apps[name]["status"] if name in apps else "gone"
-                if shown.get(name) != state:
-                    shown[name] = state
-                    label = state.removeprefix("APPLICATION_").lower()
-                    progress(f"{name}: {label} [{time.monotonic() - started:.0f}s]")
+                states[name] = state = apps[name]["status"] if name in apps else "gone"
+                label = state.removeprefix("APPLICATION_").lower()
+                changes.show(name, label)
                 if state == "gone" or state in ("APPLICATION_FAILED", "APPLICATION_STOPPED"):
                     raise ClusterError(
-                        f"application {name} is {state.removeprefix('APPLICATION_').lower()}: see its logs in CML "
+                        f"application {name} is {label}: see its logs in CML "
                         f"(project {self._project['name']!r}, Applications)"
                     )
-            if all(shown[name] == "APPLICATION_RUNNING" for name in names):
-                return
-            if time.monotonic() - started > timeout_s:
-                waiting = ", ".join(n for n in names if shown[n] != "APPLICATION_RUNNING")
-                raise ClusterError(
-                    f"{waiting} not running after {timeout_s}s: the workspace may lack capacity or quota for the "
-                    "requested cpu/memory/GPUs, or need longer to scale (--start-timeout)"
-                )
-            time.sleep(POLL_S)
+            return all(state == "APPLICATION_RUNNING" for state in states.values())
+
+        def not_running() -> ClusterError:
+            waiting = ", ".join(n for n in names if states[n] != "APPLICATION_RUNNING")
+            return ClusterError(
+                f"{waiting} not running after {timeout_s}s: the workspace may lack capacity or quota for the "
+                "requested cpu/memory/GPUs, or need longer to scale (--start-timeout)"
+            )
+
+        wait_until(all_running, timeout_s=timeout_s, poll_s=POLL_S, on_timeout=not_running)
 
     def _head_address(self, folder: Path | None) -> str | None:
         """The head's Ray address as it published it, once it answers; None where the project files are not."""
         if folder is None:
             return None
-        deadline = time.monotonic() + 60
-        while (address := read_head_address(folder)) is None:
-            if time.monotonic() > deadline:
-                raise ClusterError(f"the Ray head runs but published no address in {folder / 'head.json'}")
-            time.sleep(0.5)
-        return address
+        return wait_until(
+            lambda: read_head_address(folder),
+            timeout_s=60,
+            poll_s=0.5,
+            on_timeout=lambda: ClusterError(f"the Ray head runs but published no address in {folder / 'head.json'}"),
+        )
 
     def _wait_ray_nodes(self, address: str, expected: int, progress: Progress) -> None:
         connect_ray(address, self.client_environment())
         import ray
 
+        def alive() -> int:
+            return sum(1 for node in ray.nodes() if node["Alive"])
+
         try:
-            deadline = time.monotonic() + 120
-            while (alive := sum(1 for node in ray.nodes() if node["Alive"])) < expected:
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"Ray reports {alive} of {expected} nodes alive after 120s")
-                time.sleep(1.0)
-            progress(f"Ray reports {alive} nodes alive at {address}")
+            wait_until(
+                lambda: alive() >= expected,
+                timeout_s=120,
+                poll_s=1.0,
+                on_timeout=lambda: ClusterError(f"Ray reports {alive()} of {expected} nodes alive after 120s"),
+            )
+            progress(f"Ray reports {alive()} nodes alive at {address}")
         finally:
             ray.shutdown()
 
@@ -269,11 +273,14 @@ class CAIBackend(Backend):
             progress(f"no cai cluster {self.cluster_name!r} in project {self._project['name']!r}")
         # Workers first, so none of them outlives its head.
         self._delete(sorted(apps.values(), key=lambda app: app["name"].endswith("-head")), progress)
-        deadline = time.monotonic() + 300
-        while self._applications():
-            if time.monotonic() > deadline:
-                raise ClusterError(f"CML still lists applications of cluster {self.cluster_name!r} after 300s")
-            time.sleep(POLL_S)
+        wait_until(
+            lambda: not self._applications(),
+            timeout_s=300,
+            poll_s=POLL_S,
+            on_timeout=lambda: ClusterError(
+                f"CML still lists applications of cluster {self.cluster_name!r} after 300s"
+            ),
+        )
         folder = self._folder(required=False)
         if folder is not None:
             for name in ("head.json", "token"):

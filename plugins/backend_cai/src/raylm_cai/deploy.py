@@ -23,6 +23,7 @@ from typing import Any
 
 from raylm.backend import Progress
 from raylm.errors import DeploymentError
+from raylm.waiting import StateChanges, wait_until
 from raylm_cai.client import CMLClient, CMLError
 
 JOB_SCRIPT = "raylm_cml_job.py"
@@ -119,16 +120,25 @@ def _project(client: CMLClient, name: str, git_url: str, git_ref: str | None, pr
     if git_ref:
         body["git_ref"] = git_ref
     project = client.call("POST", "projects", body)
-    deadline = time.monotonic() + CREATE_PROJECT_TIMEOUT_S
-    while project.get("creation_status", "success").lower() not in ("success", "ready"):
-        state = project.get("creation_status", "").lower()
+    current = {"project": project}
+
+    def created() -> dict[str, Any] | None:
+        state = current["project"].get("creation_status", "success").lower()
+        if state in ("success", "ready"):
+            return current["project"]
         if "fail" in state or "error" in state:
             raise DeploymentError(f"CML could not create project {name!r} from {git_url} ({state}): check the URL")
-        if time.monotonic() > deadline:
-            raise DeploymentError(f"project {name!r} still {state!r} after {CREATE_PROJECT_TIMEOUT_S}s")
-        time.sleep(POLL_S)
-        project = client.call("GET", f"projects/{project['id']}")
-    return project
+        current["project"] = client.call("GET", f"projects/{project['id']}")
+        return None
+
+    return wait_until(
+        created,
+        timeout_s=CREATE_PROJECT_TIMEOUT_S,
+        poll_s=POLL_S,
+        on_timeout=lambda: DeploymentError(
+            f"project {name!r} still {current['project'].get('creation_status')!r} after {CREATE_PROJECT_TIMEOUT_S}s"
+        ),
+    )
 
 
 def _jobs(
@@ -167,28 +177,28 @@ def _run_ids(client: CMLClient, project_id: str, job_id: str) -> set[str]:
 
 def _child_run(client: CMLClient, project_id: str, job: dict[str, Any], earlier: set[str]) -> dict[str, Any]:
     """The run CML started for a dependent job after its parent succeeded."""
-    deadline = time.monotonic() + CHILD_RUN_TIMEOUT_S
-    while True:
+
+    def started() -> dict[str, Any] | None:
         runs = list(client.items(f"projects/{project_id}/jobs/{job['id']}/runs", "job_runs"))
         new = [run for run in runs if run["id"] not in earlier]
-        if new:
-            return max(new, key=lambda run: run.get("created_at") or "")
-        if time.monotonic() > deadline:
-            raise DeploymentError(f"CML started no run of job {job['name']!r} after its parent succeeded")
-        time.sleep(POLL_S)
+        return max(new, key=lambda run: run.get("created_at") or "") if new else None
+
+    return wait_until(
+        started,
+        timeout_s=CHILD_RUN_TIMEOUT_S,
+        poll_s=POLL_S,
+        on_timeout=lambda: DeploymentError(f"CML started no run of job {job['name']!r} after its parent succeeded"),
+    )
 
 
 def _follow(client: CMLClient, project_id: str, job: dict[str, Any], run: dict[str, Any], progress: Progress) -> str:
     """Report a run's status changes until it ends; Ctrl-C stops the run rather than leaving it behind."""
     path = f"projects/{project_id}/jobs/{job['id']}/runs/{run['id']}"
-    started = time.monotonic()
-    shown = None
+    changes = StateChanges(progress)
     try:
         while True:
             status = run["status"]
-            if status != shown:
-                shown = status
-                progress(f"{job['name']}: {status.removeprefix('ENGINE_').lower()} [{time.monotonic() - started:.0f}s]")
+            changes.show(job["name"], status.removeprefix("ENGINE_").lower())
             if status in TERMINAL:
                 return status
             time.sleep(POLL_S)

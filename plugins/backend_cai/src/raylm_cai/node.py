@@ -29,12 +29,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from raylm.net import address_answers
 from raylm.ray_nodes import serving_node_environment, serving_node_options
-from raylm.server_process import address_answers
+from raylm.waiting import wait_until
 
 GCS_PORT = 6379
 HEAD_WAIT_S = 900
@@ -119,14 +119,20 @@ def _node_options(ip: str) -> list[str]:
 
 
 def _wait_for_head(folder: Path) -> str:
-    deadline = time.monotonic() + HEAD_WAIT_S
     print(f"raylm: waiting for the head's address in {folder / 'head.json'}", flush=True)
-    while time.monotonic() < deadline:
+
+    def answering() -> str | None:
         address = read_head_address(folder)
-        if address and address_answers(address):
-            return address
-        time.sleep(2.0)
-    sys.exit(f"raylm: no Ray head answered within {HEAD_WAIT_S}s; is the head application running?")
+        return address if address and address_answers(address) else None
+
+    return wait_until(
+        answering,
+        timeout_s=HEAD_WAIT_S,
+        poll_s=2.0,
+        on_timeout=lambda: SystemExit(
+            f"raylm: no Ray head answered within {HEAD_WAIT_S}s; is the head application running?"
+        ),
+    )
 
 
 def _publish_head(folder: Path, address: str) -> None:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
+from raylm.net import address_answers, free_ports_in
 from raylm.processes import end_processes, marked_processes
 from raylm.ray_nodes import serving_node_environment, serving_node_options
-from raylm.server_process import address_answers, free_ports_in
 from raylm.state import Records, raylm_home
+from raylm.waiting import wait_until
 
 CLUSTERS = Records("clusters/local")
 # In the environment of every process of an embedded head (inherited by Ray's workers and what they
@@ -115,16 +116,20 @@ class LocalBackend(Backend):
                 "num_cpus": num_cpus,
             },
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while b"Ray runtime started" not in log_path.read_bytes():
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.down(lambda _: None)
-                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                raise ClusterError("the local Ray head did not start: " + " | ".join(tail))
-            time.sleep(0.2)
-        # `ray start --block` stops every process if one of them fails just after start.
-        time.sleep(1.0)
+
+        def not_started() -> ClusterError:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            return ClusterError("the local Ray head did not start: " + " | ".join(tail))
+
+        def started() -> bool:
+            if process.poll() is not None:
+                raise not_started()
+            return b"Ray runtime started" in log_path.read_bytes()
+
         try:
+            wait_until(started, timeout_s=START_TIMEOUT_S, poll_s=0.2, on_timeout=not_started)
+            # `ray start --block` stops every process if one of them fails just after start.
+            time.sleep(1.0)
             self.check_alive()
         except ClusterError:
             self.down(lambda _: None)

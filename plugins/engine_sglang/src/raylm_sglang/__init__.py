@@ -1,1 +1,1 @@
-"""raylm's `sglang` engine (not implemented yet)."""
+"""raylm's `sglang` engine: SGLang's own OpenAI server in each Ray Serve replica."""

@@ -4,7 +4,7 @@ SGLang's HTTP server streams deltas (its in-process Engine would give cumulative
 text, and binds to one event loop), so raylm's router forwards to it unchanged.
 """
 
-from raylm.server_process import ServerEngine
+from raylm import ServerEngine
 
 
 class SGLangEngine(ServerEngine):

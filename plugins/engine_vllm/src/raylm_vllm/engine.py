@@ -1,6 +1,6 @@
 """vLLM inside a Ray Serve replica: vLLM's own OpenAI server as the replica's child process."""
 
-from raylm.server_process import ServerEngine
+from raylm import ServerEngine
 
 
 class VLLMEngine(ServerEngine):

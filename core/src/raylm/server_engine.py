@@ -1,0 +1,145 @@
+"""The base class of engines whose replicas run the engine's own OpenAI server: vLLM, SGLang, yours.
+
+class MyEngine(raylm.ServerEngine):
+    display_name = "Mine"
+    check_module = "raylm_mine.validate"     # python -m raylm_mine.validate MODEL ARGS... (raylm.engine_check)
+    server_module = "mine.openai_server"     # python -m mine.openai_server --model MODEL --port ...
+    model_option = "--model"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from raylm.engine import Engine, ModelDeployment, ReplicaResources
+from raylm.engine_check import ERROR_PREFIX
+from raylm.errors import ConfigError
+from raylm.net import free_port, http_ok
+from raylm.processes import supervised
+from raylm.server_process import ServerProcess
+
+START_TIMEOUT_S = float(os.environ.get("RAYLM_ENGINE_START_TIMEOUT", "1800"))
+CHECK_TIMEOUT_S = 300
+
+
+class ServerEngine(Engine):
+    """An engine whose replicas run the engine's own OpenAI server as a child process.
+
+    Subclasses name the engine, its server module and model option, and the module
+    that checks arguments with the engine's own parser (run in the engine's Python,
+    so it works for engines in other venvs); `raylm.engine_check` describes what the check
+    module prints and holds the helpers it uses.
+    """
+
+    display_name: ClassVar[str]
+    check_module: ClassVar[str]
+    server_module: ClassVar[str]
+    model_option: ClassVar[str]
+    # Options raylm sets itself, and what the user should use instead.
+    reserved_options: ClassVar[Mapping[str, str]] = {}
+    health_path: ClassVar[str] = "/health"
+
+    checked: dict[str, Any] | None = None
+    server: ServerProcess | None = None
+    url: str | None = None
+
+    def __init__(self, deployment: ModelDeployment):
+        super().__init__(deployment)
+        for token in deployment.engine_args:
+            option = token.split("=", 1)[0]
+            if option in self.reserved_options:
+                raise ConfigError(
+                    f"model {deployment.name!r}: raylm sets {option} itself; "
+                    f"use {self.reserved_options[option]} instead"
+                )
+
+    @property
+    def python(self) -> str:
+        """The interpreter of the engine's environment (the replica runs in it too)."""
+        return self.deployment.python or sys.executable
+
+    def server_command(self, host: str, port: int) -> list[str]:
+        """The command that serves the model on host:port."""
+        model = self.deployment
+        return [
+            self.python,
+            "-m",
+            self.server_module,
+            self.model_option,
+            model.model,
+            "--served-model-name",
+            model.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            *model.engine_args,
+        ]
+
+    def resources(self) -> ReplicaResources:
+        """One CPU, and the GPUs the engine's own check counted (none on a CPU device)."""
+        if self.checked is None:
+            self.validate()
+        gpus = 0 if self.checked["device"] == "cpu" else self.checked["gpus"]
+        return ReplicaResources(num_cpus=1, num_gpus=gpus)
+
+    def validate(self) -> None:
+        command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]
+        env = {**os.environ, **self.deployment.env}
+        try:
+            # Supervised, so that the check (and what it starts) ends if raylm does.
+            result = subprocess.run(
+                supervised(self.python, command, grace_s=5),
+                capture_output=True,
+                text=True,
+                timeout=CHECK_TIMEOUT_S,
+                env=env,
+            )
+        except FileNotFoundError:
+            raise ConfigError(f"model {self.deployment.name!r}: Python interpreter {self.python} not found") from None
+        if result.returncode != 0:
+            raise ConfigError(f"model {self.deployment.name!r}: {self._complaint(result.stderr)}")
+        self.checked = json.loads(result.stdout.strip().splitlines()[-1])
+
+    def _complaint(self, stderr: str) -> str:
+        """What the check said: raylm's line about the environment, the engine's parser's error line,
+        else its last line of output."""
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        ours = next((line for line in lines if line.startswith(ERROR_PREFIX)), None)
+        if ours:
+            return ours.removeprefix(ERROR_PREFIX)
+        missing = next((line for line in lines if line.startswith("ModuleNotFoundError: ")), None)
+        if missing:
+            return f"{self.python} cannot import what {self.display_name} needs ({missing}): install it there"
+        for line in reversed(lines):
+            if ": error: " in line:
+                return f"{self.display_name} rejected the arguments: " + line.split(": error: ", 1)[1]
+        return lines[-1] if lines else f"{self.display_name}'s argument check failed without a message"
+
+    async def start(self, host: str) -> str:
+        port = free_port(host)
+        name = f"{self.display_name.lower()}:{self.deployment.name}"
+        self.server = ServerProcess(name, self.server_command(host, port), env=self.deployment.env)
+        self.server.start()
+        self.url = f"http://{host}:{port}"
+        await self.server.wait_healthy(self.url + self.health_path, START_TIMEOUT_S)
+        return self.url
+
+    async def check_health(self) -> None:
+        if self.server is None:
+            raise RuntimeError(f"{self.display_name} was not started")
+        code = self.server.exit_code()
+        if code is not None:
+            raise self.server.failure(f"{self.display_name} exited with code {code}")
+        if not await asyncio.to_thread(http_ok, self.url + self.health_path, 10.0):
+            raise RuntimeError(f"{self.display_name}'s {self.health_path} does not answer")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop()
