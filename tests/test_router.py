@@ -19,14 +19,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from raylm.serving import router as router_module
-from raylm.serving.router import Router, RouteTable
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from raylm.net import free_port
+from raylm.serving import routes
+from raylm.serving.router_thread import RouterThread
 
 
 class FakeEngine:
@@ -81,33 +76,23 @@ class FakeEngine:
         self.thread.join(5)
 
 
-class RouterThread:
+class Routing(RouterThread):
+    """raylm's router thread, as a context manager listening on a free port."""
+
     def __init__(self, expected_models):
-        self.table = RouteTable(expected_models)
-        self.router = Router(self.table)
+        super().__init__(expected_models)
         self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def call(self, function, *args):
-        async def run():
-            return function(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
 
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self):
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.router.start("127.0.0.1", self.port), self.loop).result(5)
+        self.start("127.0.0.1", self.port)
         return self
 
     def __exit__(self, *exc):
-        asyncio.run_coroutine_threadsafe(self.router.stop(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.stop()
 
 
 @pytest.fixture
@@ -118,7 +103,7 @@ def engines():
 
 @pytest.fixture
 def router(engines):
-    with RouterThread(["alpha", "beta"]) as router:
+    with Routing(["alpha", "beta"]) as router:
         router.call(router.table.register, "alpha", engines["a1"].url, "a1", {"id": "alpha", "max_model_len": 64})
         router.call(router.table.register, "alpha", engines["a2"].url, "a2", None)
         router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
@@ -233,7 +218,7 @@ def test_routes_and_methods(router):
 
 
 def test_readiness_waits_for_every_expected_model(engines):
-    with RouterThread(["alpha", "beta"]) as router:
+    with Routing(["alpha", "beta"]) as router:
         response = httpx.get(f"{router.url}/ready")
         assert response.status_code == 503 and response.json()["pending_models"] == ["alpha", "beta"]
         assert post(router, {"model": "alpha"}).json()["error"]["code"] == "model_starting"
@@ -300,7 +285,7 @@ class ClosingEngine:
 
 def test_a_request_crossing_the_close_of_an_idle_engine_connection_is_resent():
     engine = ClosingEngine()
-    with RouterThread(["gamma"]) as router, httpx.Client(timeout=10) as client:
+    with Routing(["gamma"]) as router, httpx.Client(timeout=10) as client:
         router.call(router.table.register, "gamma", engine.url, "g1", None)
         answers = [client.post(f"{router.url}/v1/completions", json={"model": "gamma"}) for _ in range(3)]
     engine.close()
@@ -309,7 +294,7 @@ def test_a_request_crossing_the_close_of_an_idle_engine_connection_is_resent():
 
 
 def test_connections_idle_too_long_are_not_reused(router, engines, monkeypatch):
-    monkeypatch.setattr(router_module, "IDLE_REUSE_S", 0.2)
+    monkeypatch.setattr(routes, "IDLE_REUSE_S", 0.2)
     with httpx.Client(timeout=10) as client:
         for pause in (0, 0, 0.4):
             time.sleep(pause)

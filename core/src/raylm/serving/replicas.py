@@ -11,15 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 import urllib.request
-from typing import Any
 
 from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
-from raylm.serving.router import Router, RouteTable, run
+from raylm.serving.router_thread import RouterThread
 
 logger = logging.getLogger("ray.serve")
 
@@ -30,54 +28,28 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 class RouterReplica:
-    """Runs the router on its own thread and event loop, so Serve's loop never sits in the data path."""
+    """The router of a deployment, on the head node; model replicas register with it."""
 
     def __init__(self, host: str, port: int, expected_models: list[str]):
-        self.table = RouteTable(expected_models)
-        self.router = Router(self.table)
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.stopped = threading.Event()
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        async def main() -> None:
-            self.loop = asyncio.get_running_loop()
-            try:
-                await self.router.start(host, port)
-            except OSError as exc:
-                failure.append(exc)
-                return
-            finally:
-                started.set()
-            while not self.stopped.is_set():
-                await asyncio.sleep(1.0)
-                self.table.expire(EXPIRY_SECONDS)
-            await self.router.stop()
-
-        self.thread = threading.Thread(target=run, args=(main(),), name="raylm-router", daemon=True)
-        self.thread.start()
-        started.wait()
-        if failure:
-            raise RuntimeError(f"the router cannot listen on {host}:{port}: {failure[0]}")
+        self.router = RouterThread(expected_models, expire_after_s=EXPIRY_SECONDS)
+        try:
+            self.router.start(host, port)
+        except OSError as exc:
+            raise RuntimeError(f"the router cannot listen on {host}:{port}: {exc}") from None
         logger.info("raylm router listening on http://%s:%d", host, port)
 
-    def _on_loop(self, function, *args) -> Any:
-        future = asyncio.run_coroutine_threadsafe(_call(function, *args), self.loop)
-        return future.result(timeout=10)
-
     def register(self, model: str, url: str, replica_id: str, card: dict | None) -> None:
-        self._on_loop(self.table.register, model, url, replica_id, card)
+        self.router.call(self.router.table.register, model, url, replica_id, card)
 
     def deregister(self, replica_id: str) -> None:
-        self._on_loop(self.table.deregister, replica_id)
+        self.router.call(self.router.table.deregister, replica_id)
 
     def check_health(self) -> None:
-        if not self.thread.is_alive():
+        if not self.router.is_alive():
             raise RuntimeError("the router thread has stopped")
 
     def __del__(self) -> None:
-        self.stopped.set()
-        self.thread.join(timeout=10)
+        self.router.stop()
 
 
 def _node_ip() -> str:
@@ -86,10 +58,6 @@ def _node_ip() -> str:
 
     node_id = ray.get_runtime_context().get_node_id()
     return next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id)
-
-
-async def _call(function, *args):
-    return function(*args)
 
 
 class ModelReplica:

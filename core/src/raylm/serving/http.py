@@ -1,0 +1,71 @@
+"""HTTP framing and OpenAI's error shape: what the router writes itself."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# Headers that describe one connection, not the request; the router sets its own framing.
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+    b"expect",
+    b"content-length",
+}
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def openai_error(status: int, body: bytes) -> dict | None:
+    """An engine's error body in OpenAI's shape, or None when it already is in it.
+
+    Engines differ: vLLM answers `{"error": {...}}`, SGLang `{"object": "error", "message": ...}`,
+    a crashed handler plain text.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return None
+    if isinstance(payload, dict):
+        message = payload.get("message") or payload.get("detail") or payload.get("error") or json.dumps(payload)
+        shaped = error_body(status, str(message), param=payload.get("param"))
+        shaped["error"]["code"] = payload.get("code", status)
+        return shaped
+    text = body.decode(errors="replace").strip()
+    return error_body(status, text or reason(status), code=str(status))
+
+
+def http_response(status: int, payload: dict, keep_alive: bool = True) -> bytes:
+    body = json.dumps(payload).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason(status)}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n"
+    )
+    return head.encode() + body
+
+
+def forwarded_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """The request as the router sends it on: the client's headers but its own framing."""
+    head = [method + b" " + url + b" HTTP/1.1\r\n"]
+    head += [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in HOP_BY_HOP]
+    head.append(b"content-length: %d\r\n\r\n" % len(body))
+    return b"".join(head) + body

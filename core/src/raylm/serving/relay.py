@@ -1,0 +1,223 @@
+"""The byte relay: a client's connection, and the keep-alive connections to engine servers.
+
+A request is parsed whole (requests are small) and handed to the router; the engine's response is
+piped back as it arrives, never re-encoded, so a streamed token leaves as soon as the engine
+writes it. Only an error response (small, never streamed) is held until complete, so that its
+body can be put in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import httptools
+
+from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error
+
+if TYPE_CHECKING:
+    from raylm.serving.router import Router
+    from raylm.serving.routes import Lease, Upstream
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive connection to an engine server; relays one response at a time to a client."""
+
+    def __init__(self, upstream: Upstream):
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.client: ClientConnection | None = None
+        self.lease: Lease | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response_started = False
+        self.piping = False  # headers seen, status < 400: bytes go straight to the client
+        self.held = bytearray()  # raw bytes held until the status is known, or of a whole error response
+        self.error_body: bytearray | None = None
+        self.request = b""  # the request in flight, kept to resend it if the engine closes before answering
+        self.reused = False  # whether the request in flight went out on a connection that had been idle
+        self.idle_since = 0.0
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None:  # bytes nobody asked for: the connection is no longer usable
+            self.transport.close()
+            return
+        self.response_started = True
+        if self.piping:
+            client.transport.write(data)
+        else:
+            self.held += data
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.transport.close()
+            client.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.upstream.idle:
+            self.upstream.idle.remove(self)
+        if self.client is not None:
+            self.client.upstream_lost(self)
+
+    def pause_writing(self) -> None:  # the engine is slow to read our request: nothing to do
+        pass
+
+    # httptools callbacks
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 400:
+            self.piping = True
+            self.client.transport.write(bytes(self.held))
+            self.held.clear()
+        else:
+            self.error_body = bytearray()
+
+    def on_body(self, body: bytes) -> None:
+        if self.error_body is not None:
+            self.error_body += body
+
+    def on_message_complete(self) -> None:
+        client, self.client = self.client, None
+        if self.error_body is not None:
+            status = self.parser.get_status_code()
+            payload = openai_error(status, bytes(self.error_body))
+            client.transport.write(bytes(self.held) if payload is None else http_response(status, payload))
+        keep_alive = self.parser.should_keep_alive()
+        self.parser = httptools.HttpResponseParser(self)
+        self.response_started = self.piping = False
+        self.held.clear()
+        self.error_body = None
+        self.request = b""
+        self.finish_lease()
+        if keep_alive:
+            self.park()
+        else:
+            self.transport.close()
+        client.response_finished(self)
+
+    def finish_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def park(self) -> None:
+        self.idle_since = time.monotonic()
+        self.upstream.idle.append(self)
+
+    def send(self, client: ClientConnection, request: bytes, lease: Lease, reused: bool) -> None:
+        self.client = client
+        self.lease = lease
+        self.request = request
+        self.reused = reused
+        client.upstream_connection = self
+        self.transport.write(request)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection; requests are handled one after another (no pipelining)."""
+
+    def __init__(self, router: Router):
+        self.router = router
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.upstream_connection: UpstreamConnection | None = None
+        self.keep_alive = True
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.reply(400, error_body(400, "protocol upgrades are not supported"), close=True)
+        except httptools.HttpParserError:
+            self.reply(400, error_body(400, "malformed HTTP request"), close=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        connection, self.upstream_connection = self.upstream_connection, None
+        if connection is not None:
+            # The client went away mid-response: closing the upstream makes the engine abort the request.
+            connection.client = None
+            connection.finish_lease()
+            connection.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.upstream_connection is not None:
+            self.upstream_connection.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream_connection is not None:
+            self.upstream_connection.transport.resume_reading()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > MAX_BODY_BYTES:
+            self.reply(413, error_body(413, f"request body over {MAX_BODY_BYTES} bytes"), close=True)
+
+    def on_message_complete(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.keep_alive = self.parser.should_keep_alive()
+        self.transport.pause_reading()
+        self.router.dispatch(self, self.parser.get_method(), self.url, self.headers, bytes(self.body))
+
+    # outcomes
+    def reply(self, status: int, payload: dict, close: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        keep_alive = self.keep_alive and not close
+        self.transport.write(http_response(status, payload, keep_alive))
+        self.finish(keep_alive)
+
+    def finish(self, keep_alive: bool) -> None:
+        if self.transport is None:
+            return
+        if keep_alive:
+            self.transport.resume_reading()
+        else:
+            self.transport.close()
+
+    def response_finished(self, connection: UpstreamConnection) -> None:
+        self.upstream_connection = None
+        self.finish(self.keep_alive)
+
+    def upstream_lost(self, connection: UpstreamConnection) -> None:
+        if self.upstream_connection is not connection:
+            return
+        self.upstream_connection = None
+        connection.finish_lease()
+        if connection.response_started:
+            # Part of the response is out; the only honest signal left is closing the connection.
+            if self.transport is not None:
+                self.transport.close()
+        elif connection.reused and self.transport is not None:
+            # The engine closed an idle connection as our request crossed it: it never saw the request.
+            # Resent on a new connection; if that cannot connect, the engine is gone: another replica.
+            self.router.forward(self, connection.upstream, connection.request, retries=1, reuse=False)
+        else:
+            self.reply(
+                502, error_body(502, f"the engine serving model {connection.upstream.model!r} closed the connection")
+            )

@@ -1,0 +1,129 @@
+"""Which replicas serve which model, as the replicas register themselves; touched only on the router's loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from raylm.serving.relay import UpstreamConnection
+
+logger = logging.getLogger("raylm.router")
+
+# An engine server closes keep-alive connections idle for a while (uvicorn, under vLLM and SGLang:
+# 5 s). Reusing one just as it closes loses the request, so idle connections are reused only while
+# well inside that time; an older one is closed and a new one opened.
+IDLE_REUSE_S = 2.0
+
+
+@dataclass(eq=False)
+class Upstream:
+    """One replica's engine server, with its requests in flight and its idle keep-alive connections."""
+
+    model: str
+    host: str
+    port: int
+    replica_id: str
+    in_flight: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    idle: list[UpstreamConnection] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def close_idle(self) -> None:
+        for connection in list(self.idle):
+            connection.transport.close()
+        self.idle.clear()
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection, unless the engine may be about to time it out."""
+        while self.idle:
+            connection = self.idle.pop()  # the newest: if it is too old, so are the rest
+            if time.monotonic() - connection.idle_since < IDLE_REUSE_S:
+                return connection
+            connection.transport.close()
+        return None
+
+
+class Lease:
+    """A request's place in a replica's count of requests in flight: taken once, given back exactly once."""
+
+    def __init__(self, upstream: Upstream):
+        self.upstream = upstream
+        self.held = True
+        upstream.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.upstream.in_flight -= 1
+
+
+class RouteTable:
+    """The replicas of each model, refreshed by their heartbeats, and what `/v1/models` says of them."""
+
+    def __init__(self, expected_models: Iterable[str] = ()):
+        self.expected_models = list(expected_models)
+        self.upstreams: dict[str, list[Upstream]] = {}
+        self.cards: dict[str, dict] = {}
+
+    def register(self, model: str, url: str, replica_id: str, card: dict | None = None) -> None:
+        """Add a replica, or refresh it (replicas re-register as a heartbeat)."""
+        parts = urlsplit(url)
+        replicas = self.upstreams.setdefault(model, [])
+        for upstream in replicas:
+            if upstream.replica_id == replica_id:
+                upstream.last_seen = time.monotonic()
+                if (upstream.host, upstream.port) == (parts.hostname, parts.port):
+                    break
+                replicas.remove(upstream)
+                upstream.close_idle()
+        else:
+            replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id))
+            logger.info("model %s: replica %s at %s", model, replica_id, url)
+        if card:
+            self.cards[model] = card
+
+    def deregister(self, replica_id: str) -> None:
+        for replicas in self.upstreams.values():
+            for upstream in [u for u in replicas if u.replica_id == replica_id]:
+                replicas.remove(upstream)
+                upstream.close_idle()
+
+    def expire(self, older_than: float) -> None:
+        """Forget replicas whose last heartbeat is older than `older_than` seconds."""
+        cutoff = time.monotonic() - older_than
+        for replicas in self.upstreams.values():
+            for upstream in [u for u in replicas if u.last_seen < cutoff]:
+                logger.warning("model %s: replica %s stopped answering; removed", upstream.model, upstream.replica_id)
+                replicas.remove(upstream)
+                upstream.close_idle()
+
+    def replicas(self, model: str) -> list[Upstream]:
+        return self.upstreams.get(model) or []
+
+    def close(self) -> None:
+        for replicas in self.upstreams.values():
+            for upstream in replicas:
+                upstream.close_idle()
+
+    def model_names(self) -> list[str]:
+        return sorted(set(self.expected_models) | {m for m, r in self.upstreams.items() if r})
+
+    def pending_models(self) -> list[str]:
+        return [m for m in self.expected_models if not self.upstreams.get(m)]
+
+    def models_payload(self) -> dict:
+        data = []
+        for name in self.model_names():
+            card = dict(self.cards.get(name) or {"id": name, "object": "model", "created": 0})
+            card["owned_by"] = "raylm"
+            card["replicas"] = len(self.upstreams.get(name, ()))  # raylm's addition: replicas routed to now
+            data.append(card)
+        return {"object": "list", "data": data}
