@@ -5,33 +5,36 @@ plan = raylm.ServePlan(models=(raylm.ModelDeployment(model="/models/tiny", name=
 deployment = raylm.serve(plan)          # returns once every model answers
 print(deployment.url)                   # http://127.0.0.1:8000, OpenAI API under /v1
 raylm.stop(deployment.name)             # or: with raylm.serve(plan): ...
+
+The orchestration lives here; how a plan becomes Ray Serve applications is `raylm.serving.apps`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 import sys
-import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
+from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.config import ServePlan, check_model_path, check_port_free
+from raylm.deployments import DEPLOYMENTS, DeploymentRecord
 from raylm.engine import Engine
-from raylm.errors import ConfigError, DeploymentError
+from raylm.errors import ConfigError, DeploymentError, RaylmError
+from raylm.net import http_ok, port_is_free
 from raylm.placement import describe, node_need, unplaceable
 from raylm.plugins import Registry, get_registry
 from raylm.processes import DEPLOYMENT_MARKER, end_processes, marked_processes
-from raylm.server_process import http_ok
-from raylm.state import Records
+from raylm.serving.apps import RayServeApps, app_name
+from raylm.waiting import wait_until
 
-DEPLOYMENTS = Records("deployments")
 READY_TIMEOUT_S = 1800
 PORT_RELEASE_TIMEOUT_S = 15
-RAYLM_ERROR_PREFIX = f"{DeploymentError.__module__}.{DeploymentError.__qualname__}: "
+# How the orchestration reaches a cluster's Serve applications: (address, environment) -> apps.
+AppsFactory = Callable[[str, Mapping[str, str]], RayServeApps]
 
 
 def _stderr(message: str) -> None:
@@ -76,8 +79,74 @@ def make_backend(name: str | None, options: Mapping[str, Any], registry: Registr
     return spec.backend_class(values)
 
 
-def _app_name(deployment: str, part: str) -> str:
-    return f"raylm-{deployment}-" + re.sub(r"[^A-Za-z0-9_.-]", "_", part)
+def serve(
+    plan: ServePlan,
+    *,
+    progress: Progress = _stderr,
+    registry: Registry | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    replace: bool = False,
+    apps: AppsFactory = RayServeApps,
+) -> Deployment:
+    """Start the cluster if needed, deploy every model and the router, return once all answer.
+
+    Anything this call started is stopped again if it fails or is interrupted. With `replace`, a
+    deployment of the same name is stopped first instead of being an error. `apps` reaches the
+    cluster's Serve applications (tests pass a stand-in).
+    """
+    registry = registry or get_registry()
+    if replace and DEPLOYMENTS.load(plan.name) is not None:
+        progress(f"replacing the deployment {plan.name!r}")
+        stop(plan.name, progress=progress, registry=registry, apps=apps)
+    _refuse_running_duplicate(plan.name)
+    backend_name = plan.backend or registry.default_backend()
+    # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
+    backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
+    if backend.head_is_local:
+        check_port_free(plan.host, plan.port)
+    owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
+    engines = _resolve_engines(plan, registry)
+    # The engines' checks run while the cluster starts: neither needs the other.
+    checks = _check_engines(engines, progress)
+    try:
+        cluster = backend.up(progress)
+        _checked(engines, checks, progress)
+    except BaseException:  # a bad engine argument, or Ctrl-C while the head starts: stop what was started
+        if owns_cluster:
+            backend.down(progress)
+        raise
+    host, url = _endpoint(plan, backend, cluster)
+    record = DeploymentRecord(
+        name=plan.name,
+        url=url,
+        models=tuple(m.name for m in plan.models),
+        router_app=app_name(plan.name, "router"),
+        model_apps=tuple(app_name(plan.name, m.name) for m in plan.models),
+        backend=backend_name,
+        backend_options=backend.options,
+        address=cluster.address,
+        owns_cluster=owns_cluster,
+        head_is_local=backend.head_is_local,
+        host=host,
+        port=plan.port,
+    )
+    DEPLOYMENTS.save(record)
+    try:
+        running = apps(cluster.address, backend.client_environment())
+        try:
+            _check_capacity(engines, running.nodes(), backend, progress)
+            running.deploy(plan, engines, host, progress)
+            labels = dict(zip(record.apps, ["router", *record.models]))
+            running.wait_running(labels, progress, ready_timeout_s)
+        finally:
+            running.close()
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
+        stop(plan.name, progress=progress, registry=registry, apps=apps)
+        raise
+    progress(f"serving {', '.join(record.models)} at {url}/v1")
+    return Deployment(name=plan.name, url=url, models=record.models)
 
 
 def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
@@ -88,7 +157,7 @@ def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
         spec = registry.engine(model.engine, runtime_here=model.python is None)
         check_model_path(model.model)
         if os.path.exists(model.model):  # replicas do not run in this folder
-            model = replace(model, model=os.path.abspath(model.model))
+            model = dataclasses.replace(model, model=os.path.abspath(model.model))
         engines.append(spec.engine_class(model))
     return engines
 
@@ -111,82 +180,15 @@ def _checked(engines: list[Engine], checks: list[Future], progress: Progress) ->
         progress(f"{model.name}: {model.replicas} replica(s), each needs {describe(node_need(engine.resources()))}")
 
 
-def _check_capacity(engines: list[Engine], backend: Backend, progress: Progress) -> None:
+def _check_capacity(engines: list[Engine], nodes: list[dict[str, float]], backend: Backend, progress: Progress) -> None:
     """Refuse at once a model whose replica fits no node of a cluster that cannot grow (Serve would wait
     forever); on one that may grow, say what it waits for."""
-    import ray
-
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     problem = unplaceable({e.deployment.name: e.resources() for e in engines}, nodes)
     if problem is None:
         return
     if not backend.may_add_nodes:
         raise DeploymentError(problem)
     progress(f"{problem}; waiting for the cluster to add one")
-
-
-def serve(
-    plan: ServePlan,
-    *,
-    progress: Progress = _stderr,
-    registry: Registry | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
-    replace: bool = False,
-) -> Deployment:
-    """Start the cluster if needed, deploy every model and the router, return once all answer.
-
-    Anything this call started is stopped again if it fails or is interrupted. With `replace`, a
-    deployment of the same name is stopped first instead of being an error.
-    """
-    registry = registry or get_registry()
-    if replace and DEPLOYMENTS.load(plan.name) is not None:
-        progress(f"replacing the deployment {plan.name!r}")
-        stop(plan.name, progress=progress, registry=registry)
-    _refuse_running_duplicate(plan.name)
-    backend_name = plan.backend or registry.default_backend()
-    # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
-    backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
-    if backend.head_is_local:
-        check_port_free(plan.host, plan.port)
-    owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
-    engines = _resolve_engines(plan, registry)
-    # The engines' checks run while the cluster starts: neither needs the other.
-    checks = _check_engines(engines, progress)
-    try:
-        cluster = backend.up(progress)
-        _checked(engines, checks, progress)
-    except BaseException:  # a bad engine argument, or Ctrl-C while the head starts: stop what was started
-        if owns_cluster:
-            backend.down(progress)
-        raise
-    apps = [_app_name(plan.name, "router")] + [_app_name(plan.name, m.name) for m in plan.models]
-    host, url = _endpoint(plan, backend, cluster)
-    record = {
-        "name": plan.name,
-        "url": url,
-        "models": [m.name for m in plan.models],
-        "apps": apps,
-        "backend": backend_name,
-        "backend_options": backend.options,
-        "address": cluster.address,
-        "owns_cluster": owns_cluster,
-        "head_is_local": backend.head_is_local,
-        "host": host,
-        "port": plan.port,
-        "started": time.time(),
-    }
-    DEPLOYMENTS.save(plan.name, record)
-    try:
-        connect_ray(cluster.address, backend.client_environment())
-        _check_capacity(engines, backend, progress)
-        _deploy(plan, engines, host, apps, progress, ready_timeout_s)
-    except BaseException as exc:
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
-        stop(plan.name, progress=progress)
-        raise
-    progress(f"serving {', '.join(record['models'])} at {url}/v1")
-    return Deployment(name=plan.name, url=url, models=tuple(record["models"]))
 
 
 def _endpoint(plan: ServePlan, backend: Backend, cluster: ClusterStatus) -> tuple[str, str]:
@@ -201,9 +203,9 @@ def _refuse_running_duplicate(name: str) -> None:
     record = DEPLOYMENTS.load(name)
     if record is None:
         return
-    if http_ok(f"{record['url']}/health", 2.0):
+    if http_ok(f"{record.url}/health", 2.0):
         raise ConfigError(
-            f"a deployment named {name!r} already runs at {record['url']}: "
+            f"a deployment named {name!r} already runs at {record.url}: "
             f"stop it with `raylm stop {name}`, or choose another --name"
         )
     raise ConfigError(
@@ -211,145 +213,73 @@ def _refuse_running_duplicate(name: str) -> None:
     )
 
 
-def _serve_api() -> Any:
-    """Ray Serve's API, its logger quieted: our progress lines say what happens."""
-    import logging
-
-    from ray import serve
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # set after import: importing Serve resets it
-    return serve
-
-
-def _deploy(
-    plan: ServePlan,
-    engines: list[Engine],
-    host: str,
-    apps: list[str],
-    progress: Progress,
-    ready_timeout_s: float,
-) -> None:
-    serve = _serve_api()
-
-    from raylm.serving.replicas import HEAD_NODE_RESOURCE, ModelReplica, RouterReplica
-
-    serve.start(proxy_location="Disabled")
-    router_app, model_apps = apps[0], apps[1:]
-    router = serve.deployment(
-        RouterReplica,
-        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
-        health_check_period_s=5,
-        max_constructor_retry_count=1,
-    ).bind(host, plan.port, [m.name for m in plan.models])
-    targets = [serve.RunTarget(target=router, name=router_app, route_prefix=None)]
-    for engine, app in zip(engines, model_apps):
-        model, resources = engine.deployment, engine.resources()
-        # The marker reaches every process an engine starts: `stop` looks for what is left by it.
-        runtime_env: dict[str, Any] = {"env_vars": {**model.env, DEPLOYMENT_MARKER: plan.name}}
-        if model.python:
-            runtime_env["py_executable"] = model.python
-        options: dict[str, Any] = {
-            "num_cpus": resources.num_cpus,
-            "num_gpus": resources.num_gpus,
-            "runtime_env": runtime_env,
-        }
-        replica = serve.deployment(
-            ModelReplica,
-            name="Model",
-            num_replicas=model.replicas,
-            ray_actor_options=options,
-            placement_group_bundles=[dict(b) for b in resources.bundles] or None,
-            placement_group_strategy=resources.strategy if resources.bundles else None,
-            health_check_period_s=10,
-            health_check_timeout_s=30,
-            graceful_shutdown_timeout_s=30,
-            # A replica that fails to start fails the deployment at once, with its error; no slow retries.
-            max_constructor_retry_count=model.replicas,
-        ).bind(model, type(engine), router_app)
-        targets.append(serve.RunTarget(target=replica, name=app, route_prefix=None))
-    progress(f"deploying the router on {host}:{plan.port} and {len(model_apps)} model(s)")
-    serve.run_many(targets, wait_for_applications_running=False)
-    _wait_running(dict(zip(apps, ["router", *(m.name for m in plan.models)])), progress, ready_timeout_s)
-
-
-def _wait_running(apps: dict[str, str], progress: Progress, timeout_s: float) -> None:
-    """Report each app's progress until all run; raise with Serve's message when one fails."""
-    from ray import serve
-
-    shown: dict[str, str] = {}
-    started = time.monotonic()
-    while True:
-        statuses = serve.status().applications
-        waiting = []
-        for app, label in apps.items():
-            status = statuses.get(app)
-            state = status.status if status else "NOT_STARTED"
-            if state == "DEPLOY_FAILED" or state == "UNHEALTHY":
-                raise DeploymentError(f"{label} failed to start: {_failure_message(status)}")
-            if state != "RUNNING":
-                waiting.append(label)
-            replicas = [
-                f"{n} {s.lower()}"
-                for d in (status.deployments.values() if status else ())
-                for s, n in d.replica_states.items()
-                if n
-            ]
-            line = f"{label}: {state.lower()}" + (f" ({', '.join(replicas)})" if replicas else "")
-            if shown.get(app) != line:
-                shown[app] = line
-                progress(f"{line} [{time.monotonic() - started:.0f}s]")
-        if not waiting:
-            return
-        if time.monotonic() - started > timeout_s:
-            raise DeploymentError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}")
-        time.sleep(1.0)
-
-
-def _failure_message(status: Any) -> str:
-    messages = [status.message] + [d.message for d in status.deployments.values()]
-    text = "\n".join(m for m in messages if m).strip()
-    # Serve wraps the replica's exception in a long traceback: raylm's own error is the message;
-    # for another exception, the traceback's last lines say what happened.
-    ours = text.rfind(RAYLM_ERROR_PREFIX)
-    if ours >= 0:
-        return text[ours + len(RAYLM_ERROR_PREFIX) :]
-    lines = [line for line in text.splitlines() if line.strip()]
-    return "\n".join(lines[-14:]) if lines else "no message from Ray Serve"
+def _record(name: str) -> DeploymentRecord:
+    record = DEPLOYMENTS.load(name)
+    if record is None:
+        raise ConfigError(f"no deployment named {name!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
+    return record
 
 
 def status(name: str | None = None) -> list[dict[str, Any]]:
     """The deployments raylm started, each with whether its endpoint answers and is ready."""
-    names = [name] if name else DEPLOYMENTS.names()
     result = []
-    for each in names:
-        record = DEPLOYMENTS.load(each)
-        if record is None:
-            raise ConfigError(f"no deployment named {each!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
-        record["healthy"] = http_ok(f"{record['url']}/health", 2.0)
-        record["ready"] = http_ok(f"{record['url']}/ready", 2.0)
-        result.append(record)
+    for each in [name] if name else DEPLOYMENTS.names():
+        record = _record(each)
+        healthy, ready = http_ok(f"{record.url}/health", 2.0), http_ok(f"{record.url}/ready", 2.0)
+        result.append({**dataclasses.asdict(record), "healthy": healthy, "ready": ready})
     return result
 
 
-def stop(name: str | None = None, *, progress: Progress = _stderr, registry: Registry | None = None) -> list[str]:
+def stop(
+    name: str | None = None,
+    *,
+    progress: Progress = _stderr,
+    registry: Registry | None = None,
+    apps: AppsFactory = RayServeApps,
+) -> list[str]:
     """Stop a deployment (all of them when `name` is None): its models, its router, and a cluster it started."""
     registry = registry or get_registry()
-    names = [name] if name else DEPLOYMENTS.names()
-    for each in names:
-        record = DEPLOYMENTS.load(each)
-        if record is None:
-            raise ConfigError(f"no deployment named {each!r}; running: {', '.join(DEPLOYMENTS.names()) or 'none'}")
-        backend = make_backend(record["backend"], record["backend_options"], registry)
-        if backend.status() is not None:
-            _delete_apps(record, backend, progress)
-        if record["owns_cluster"] and not _hand_over_cluster(record):
-            backend.down(progress)
-        if record["head_is_local"]:
-            _end_leftovers(each, progress)
-            _wait_port_released(record["host"], record["port"])
-        DEPLOYMENTS.delete(each)
-        progress(f"stopped {each}")
-    return names
+    if name is None:
+        return _stop_all(progress, registry, apps)
+    record = _record(name)
+    backend = make_backend(record.backend, record.backend_options, registry)
+    if backend.status() is not None:
+        running = apps(record.address, backend.client_environment())
+        try:
+            # Models first and together (each replica stops its engine), so they can deregister from the router.
+            running.delete(record.model_apps, progress)
+            running.delete([record.router_app], progress)
+        finally:
+            running.close()
+    if record.owns_cluster and not _hand_over_cluster(record):
+        backend.down(progress)
+    if record.head_is_local:
+        _end_leftovers(name, progress)
+        wait_until(
+            lambda: port_is_free(record.host, record.port),
+            timeout_s=PORT_RELEASE_TIMEOUT_S,
+            poll_s=0.2,
+            on_timeout=lambda: DeploymentError(f"port {record.port} on {record.host} is still in use after stopping"),
+        )
+    DEPLOYMENTS.delete(name)
+    progress(f"stopped {name}")
+    return [name]
+
+
+def _stop_all(progress: Progress, registry: Registry, apps: AppsFactory) -> list[str]:
+    """Stop every deployment; one that cannot be stopped does not keep the others running."""
+    stopped, failed = [], []
+    for name in DEPLOYMENTS.names():
+        try:
+            stopped += stop(name, progress=progress, registry=registry, apps=apps)
+        except RaylmError as exc:
+            progress(f"could not stop {name}: {exc}")
+            failed.append(name)
+    if failed:
+        raise DeploymentError(
+            f"could not stop {', '.join(failed)} (see above); stopped: {', '.join(stopped) or 'none'}"
+        )
+    return stopped
 
 
 def _end_leftovers(name: str, progress: Progress) -> None:
@@ -361,49 +291,14 @@ def _end_leftovers(name: str, progress: Progress) -> None:
         progress(f"ended {len(leftovers)} process(es) the engines of {name} had left running (pids {pids})")
 
 
-def _hand_over_cluster(record: dict[str, Any]) -> bool:
+def _hand_over_cluster(record: DeploymentRecord) -> bool:
     """Make another deployment on the same cluster its owner, so stopping this one leaves the cluster up."""
     for other_name in DEPLOYMENTS.names():
         other = DEPLOYMENTS.load(other_name)
-        if other and other_name != record["name"] and other["address"] == record["address"]:
-            DEPLOYMENTS.save(other_name, {**other, "owns_cluster": True})
+        if other and other_name != record.name and other.address == record.address:
+            DEPLOYMENTS.save(dataclasses.replace(other, owns_cluster=True))
             return True
     return False
-
-
-def _delete_apps(record: dict[str, Any], backend: Backend, progress: Progress) -> None:
-    connect_ray(record["address"], backend.client_environment())  # first: it sets Ray's environment
-    import ray
-
-    serve = _serve_api()
-    router_app, model_apps = record["apps"][0], record["apps"][1:]
-    try:
-        # Models first and together (each replica stops its engine), so they can deregister from the router.
-        for apps in (model_apps, [router_app]):
-            present = [app for app in apps if app in serve.status().applications]
-            if present:
-                progress(f"deleting {', '.join(present)}")
-            for app in present:
-                serve.delete(app, _blocking=False)
-            deadline = time.monotonic() + 120
-            while any(app in serve.status().applications for app in present):
-                if time.monotonic() > deadline:
-                    raise DeploymentError(f"Ray Serve did not delete {', '.join(present)} within 120s")
-                time.sleep(0.5)
-    finally:
-        ray.shutdown()
-
-
-def _wait_port_released(host: str, port: int) -> None:
-    deadline = time.monotonic() + PORT_RELEASE_TIMEOUT_S
-    while True:
-        try:
-            check_port_free(host, port)
-            return
-        except ConfigError:
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"port {port} on {host} is still in use after stopping") from None
-            time.sleep(0.2)
 
 
 def cluster_up(backend: str | None, options: Mapping[str, Any], progress: Progress = _stderr) -> ClusterStatus:

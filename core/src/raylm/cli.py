@@ -107,8 +107,9 @@ def serve_command(
     Options raylm does not know are the engine's own and pass through unchanged,
     e.g. `raylm serve ./tiny --max-model-len 512 --dtype float32`.
     """
-    from raylm.api import DEPLOYMENTS, serve
+    from raylm.api import serve
     from raylm.config import ServePlan, default_model_name, load_plan_file
+    from raylm.deployments import DEPLOYMENTS
     from raylm.engine import ModelDeployment
 
     registry = get_registry()

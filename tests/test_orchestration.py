@@ -1,0 +1,195 @@
+"""What `raylm.serve` and `raylm.stop` do, and undo, without Ray or an engine.
+
+The backend, the engines and Ray Serve's applications are stand-ins that record what they are
+asked; the orchestration under test is the real one.
+"""
+
+import dataclasses
+import types
+
+import pytest
+from doubles import NullEngine
+
+import raylm
+from raylm.deployments import DEPLOYMENTS
+from raylm.errors import ConfigError, DeploymentError
+from raylm.net import free_port
+
+CALLS = []
+
+
+class RecordingBackend(raylm.Backend):
+    """A cluster of one node with 8 CPUs, that says what it was asked."""
+
+    running: set = set()
+
+    def up(self, progress):
+        CALLS.append(("up", self.cluster_name))
+        self.running.add(self.cluster_name)
+        return self.status()
+
+    def status(self):
+        if self.cluster_name not in self.running:
+            return None
+        return raylm.ClusterStatus("recording", self.cluster_name, f"127.0.0.1:{len(self.cluster_name)}")
+
+    def down(self, progress):
+        CALLS.append(("down", self.cluster_name))
+        self.running.discard(self.cluster_name)
+
+
+class CheckedEngine(NullEngine):
+    """An engine whose argument check refuses `--bad` and whose replicas need `--gpus N` GPUs."""
+
+    def validate(self):
+        if "--bad" in self.deployment.engine_args:
+            raise ConfigError(f"model {self.deployment.name!r}: Engine rejected the arguments: --bad")
+
+    def resources(self):
+        args = self.deployment.engine_args
+        return raylm.ReplicaResources(
+            num_cpus=1, num_gpus=int(args[args.index("--gpus") + 1]) if "--gpus" in args else 0
+        )
+
+
+class FakeApps:
+    """Ray Serve's applications of one cluster, as `raylm.serving.apps.RayServeApps` offers them."""
+
+    deployed: dict = {}  # address -> app names
+    fail_waiting: str | None = None
+
+    def __init__(self, address, environment):
+        self.address = address
+        CALLS.append(("connect", address))
+
+    def close(self):
+        CALLS.append(("close", self.address))
+
+    def nodes(self):
+        return [{"CPU": 8.0}]
+
+    def deploy(self, plan, engines, host, progress):
+        names = [f"raylm-{plan.name}-router"] + [f"raylm-{plan.name}-{e.deployment.name}" for e in engines]
+        self.deployed.setdefault(self.address, []).extend(names)
+        CALLS.append(("deploy", tuple(names)))
+
+    def wait_running(self, labels, progress, timeout_s):
+        if self.fail_waiting:
+            raise DeploymentError(self.fail_waiting)
+
+    def delete(self, apps, progress):
+        present = [app for app in apps if app in self.deployed.get(self.address, [])]
+        for app in present:
+            self.deployed[self.address].remove(app)
+        CALLS.append(("delete", tuple(present)))
+
+
+@pytest.fixture
+def registry(raylm_registry, raylm_home):
+    plugin = types.SimpleNamespace(
+        raylm_engines=raylm.hookimpl(
+            lambda: [raylm.EngineSpec(name="checked", description="stand-in", engine_class=CheckedEngine)]
+        ),
+        raylm_backends=raylm.hookimpl(
+            lambda: [raylm.BackendSpec(name="recording", description="stand-in", backend_class=RecordingBackend)]
+        ),
+    )
+    raylm_registry.add_plugin(plugin, name="stand-ins")
+    CALLS.clear()
+    RecordingBackend.running = set()
+    FakeApps.deployed, FakeApps.fail_waiting = {}, None
+    return raylm_registry
+
+
+PORT = free_port()
+
+
+def plan(name="orch", *models, **backend_options):
+    models = models or (raylm.ModelDeployment(model="m", name="small", engine="checked"),)
+    return raylm.ServePlan(name=name, models=models, port=PORT, backend="recording", backend_options=backend_options)
+
+
+def serve(registry, the_plan, **kwargs):
+    return raylm.serve(the_plan, registry=registry, apps=FakeApps, progress=lambda _: None, **kwargs)
+
+
+def stop(registry, name=None):
+    return raylm.stop(name, registry=registry, apps=FakeApps, progress=lambda _: None)
+
+
+def test_serving_starts_the_cluster_deploys_and_remembers_it(registry):
+    deployment = serve(registry, plan())
+    assert deployment.url == f"http://127.0.0.1:{PORT}" and deployment.models == ("small",)
+    assert CALLS == [
+        ("up", "orch"),
+        ("connect", "127.0.0.1:4"),
+        ("deploy", ("raylm-orch-router", "raylm-orch-small")),
+        ("close", "127.0.0.1:4"),
+    ]
+    record = DEPLOYMENTS.load("orch")
+    assert record.owns_cluster and record.apps == ("raylm-orch-router", "raylm-orch-small")
+
+
+def test_stopping_deletes_models_then_the_router_and_the_cluster_it_started(registry):
+    serve(registry, plan())
+    CALLS.clear()
+    assert stop(registry, "orch") == ["orch"]
+    assert CALLS == [
+        ("connect", "127.0.0.1:4"),
+        ("delete", ("raylm-orch-small",)),
+        ("delete", ("raylm-orch-router",)),
+        ("close", "127.0.0.1:4"),
+        ("down", "orch"),
+    ]
+    assert DEPLOYMENTS.names() == []
+
+
+def test_a_start_that_fails_stops_everything_it_started(registry):
+    FakeApps.fail_waiting = "small failed to start: out of memory"
+    with pytest.raises(DeploymentError, match="out of memory"):
+        serve(registry, plan())
+    assert FakeApps.deployed["127.0.0.1:4"] == []
+    assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
+
+
+def test_a_bad_engine_argument_deploys_nothing_and_stops_the_cluster_started_meanwhile(registry):
+    bad = raylm.ModelDeployment(model="m", name="small", engine="checked", engine_args=("--bad",))
+    with pytest.raises(ConfigError, match="rejected the arguments: --bad"):
+        serve(registry, plan("orch", bad))
+    assert CALLS == [("up", "orch"), ("down", "orch")]
+    assert DEPLOYMENTS.names() == []
+
+
+def test_a_replica_no_node_can_hold_is_refused_before_anything_deploys(registry):
+    big = raylm.ModelDeployment(model="m", name="big", engine="checked", engine_args=("--gpus", "2"))
+    with pytest.raises(DeploymentError, match="needs 1 CPU and 2 GPUs on one node per replica"):
+        serve(registry, plan("orch", big))
+    assert not any(call[0] == "deploy" for call in CALLS)
+    assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
+
+
+def test_a_cluster_started_by_another_deployment_outlives_this_one(registry):
+    serve(registry, plan("first"))
+    serve(registry, plan("second", cluster="first"))
+    stop(registry, "first")
+    assert ("down", "first") not in CALLS, "the second deployment still runs on it"
+    assert DEPLOYMENTS.load("second").owns_cluster
+    stop(registry, "second")
+    assert ("down", "first") in CALLS
+
+
+def test_replacing_stops_the_old_deployment_first(registry):
+    serve(registry, plan())
+    with pytest.raises(ConfigError, match="a deployment named 'orch'"):
+        serve(registry, plan())
+    serve(registry, plan(), replace=True)
+    assert CALLS.count(("down", "orch")) == 1 and DEPLOYMENTS.names() == ["orch"]
+
+
+def test_stopping_everything_stops_the_rest_when_one_cannot_be_stopped(registry):
+    serve(registry, plan("first"))
+    serve(registry, plan("second"))
+    DEPLOYMENTS.save(dataclasses.replace(DEPLOYMENTS.load("first"), backend="gone"))
+    with pytest.raises(DeploymentError, match="could not stop first .*stopped: second"):
+        stop(registry)
+    assert DEPLOYMENTS.names() == ["first"]
