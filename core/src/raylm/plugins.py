@@ -8,8 +8,9 @@ work. `RAYLM_STRICT_PLUGINS=1` turns any such failure into an exception, and
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from types import ModuleType
@@ -22,6 +23,8 @@ from raylm.errors import PluginError, RuntimeMissingError, UnknownNameError
 from raylm.specs import BackendSpec, EngineSpec
 
 ENTRY_POINT_GROUP = "raylm"
+IMPLEMENTATION_MARK = f"{hookspecs.PROJECT}_impl"  # the attribute pluggy's HookimplMarker sets
+LIST_HOOKS = ("raylm_engines", "raylm_backends")
 STRICT_ENV = "RAYLM_STRICT_PLUGINS"
 DISABLE_ENV = "RAYLM_DISABLE_PLUGINS"
 
@@ -72,6 +75,31 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+class _Isolated:
+    """A plugin as pluggy sees it: its hook implementations, each guarded so that one that raises is
+    reported against its plugin and counts as no answer, while pluggy calls the others as usual."""
+
+    def __init__(self, plugin: ModuleType | object, record: PluginRecord, fail: Callable[..., None]):
+        for attribute in dir(plugin):
+            function = getattr(plugin, attribute)
+            if attribute.startswith("raylm_") and callable(function) and hasattr(function, IMPLEMENTATION_MARK):
+                setattr(self, attribute, _guarded(function, attribute, record, fail))
+
+
+def _guarded(function: Callable[..., Any], hook_name: str, record: PluginRecord, fail: Callable[..., None]):
+    @functools.wraps(function)  # pluggy reads the arguments and the hookimpl marker through it
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = function(*args, **kwargs)
+            # A list hook's results are produced here, so that a failing generator is this plugin's failure.
+            return list(result) if hook_name in LIST_HOOKS and result is not None else result
+        except Exception as exc:
+            fail(record, f"{hook_name} raised {_one_line(exc)}", exc)
+            return None
+
+    return guarded
+
+
 class Registry:
     """The plugins of one process and the engines and backends they provide."""
 
@@ -120,15 +148,21 @@ class Registry:
         record = record or PluginRecord(name=name, version="unknown", entry_point=f"{name} = {plugin!r}")
         self.plugins[name] = record
         try:
-            self.plugin_manager.register(plugin, name=name)
+            self.plugin_manager.register(_Isolated(plugin, record, self._fail), name=name)
         except Exception as exc:
             self._fail(record, f"registration failed: {_one_line(exc)}", exc)
             return record
-        for spec in self._call_plugin(name, "raylm_engines", {}, record) or ():
+        for spec in self._results_of(name, "raylm_engines"):
             self._add_spec(spec, EngineSpec, self._engines, record.engines, record)
-        for spec in self._call_plugin(name, "raylm_backends", {}, record) or ():
+        for spec in self._results_of(name, "raylm_backends"):
             self._add_spec(spec, BackendSpec, self._backends, record.backends, record)
         return record
+
+    def _results_of(self, name: str, hook_name: str) -> list[Any]:
+        """What one plugin's implementation of a list hook returns, called by pluggy."""
+        others = [p for p in self.plugin_manager.get_plugins() if self.plugin_manager.get_name(p) != name]
+        results = self.plugin_manager.subset_hook_caller(hook_name, remove_plugins=others)()
+        return [spec for result in results if result is not None for spec in result]
 
     def _add_spec(self, spec: Any, spec_type: type, table: dict, names: list[str], record: PluginRecord) -> None:
         kind = spec_type.kind
@@ -160,38 +194,20 @@ class Registry:
             raise StrictPluginError(f"plugin {record.name} ({record.entry_point}): {message}") from exc
         record.errors.append(message)
 
-    def _call_plugin(self, name: str, hook_name: str, kwargs: Mapping[str, Any], record: PluginRecord) -> Any:
-        """Call one plugin's implementation of a hook, isolating its failure."""
-        for impl in getattr(self.plugin_manager.hook, hook_name).get_hookimpls():
-            if impl.plugin_name != name:
-                continue
-            try:
-                result = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
-                return list(result) if hook_name in ("raylm_engines", "raylm_backends") else result
-            except Exception as exc:
-                self._fail(record, f"{hook_name} raised {_one_line(exc)}", exc)
-        return None
-
-    def _each_plugin_in_call_order(self, hook_name: str) -> list[str]:
-        # pluggy calls implementations last-registered first, with tryfirst/trylast applied.
-        impls = getattr(self.plugin_manager.hook, hook_name).get_hookimpls()
-        return [impl.plugin_name for impl in reversed(impls)]
-
     # -- asking --------------------------------------------------------------
 
     def add_cli_commands(self, cli: Any) -> None:
         """Let each plugin add its subcommands; a plugin that fails adds nothing and is reported."""
-        for name in self._each_plugin_in_call_order("raylm_cli"):
-            self._call_plugin(name, "raylm_cli", {"cli": cli}, self.plugins[name])
+        self.plugin_manager.hook.raylm_cli(cli=cli)
 
     def default_backend(self, environ: Mapping[str, str] = os.environ) -> str:
-        for name in self._each_plugin_in_call_order("raylm_default_backend"):
-            answer = self._call_plugin(name, "raylm_default_backend", {"environ": environ}, self.plugins[name])
-            if answer is not None:
-                return answer
-        raise UnknownNameError(
-            "no cluster backend is installed: pip install raylm-local (Ray on this machine or an existing cluster)"
-        )
+        """The backend the environment suggests: pluggy asks the plugins in order, the first answer wins."""
+        answer = self.plugin_manager.hook.raylm_default_backend(environ=environ)
+        if answer is None:
+            raise UnknownNameError(
+                "no cluster backend is installed: pip install raylm-local (Ray on this machine or an existing cluster)"
+            )
+        return answer
 
     def engine_names(self) -> list[str]:
         return sorted(self._engines)
