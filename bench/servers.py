@@ -26,15 +26,15 @@ from pathlib import Path
 from loadgen import LOAD_GENERATORS, Connection
 
 REPO = Path(__file__).resolve().parent.parent
+# SGLang on a CPU-only machine: where the tests keep its environment and what it needs to run here.
+sys.path.insert(0, str(REPO / "plugins" / "engine_sglang" / "tests"))
+from sglang_setup import CPU_ARGS as SGLANG_CPU_ARGS  # noqa: E402
+from sglang_setup import CPU_ENV as SGLANG_CPU_ENV  # noqa: E402
+from sglang_setup import SGLANG_PYTHON  # noqa: E402
+
 MODEL_NAME = "tiny"
 MAX_TOKENS = 32
 REQUESTS = {1: 40, 16: 320, 64: 640}  # requests per load run, by concurrency
-SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
-# SGLang on a CPU-only machine needs its CPU paths and the test-only stand-ins (see that folder's README).
-SGLANG_CPU_ENV = {
-    "SGLANG_USE_CPU_ENGINE": "1",
-    "PYTHONPATH": str(REPO / "plugins" / "engine_sglang" / "tests" / "support"),
-}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ ENGINES = {
         str(SGLANG_PYTHON),
         "sglang.launch_server",
         "--model-path",
-        ("--device", "cpu", "--max-total-tokens", "4096", "--dtype", "float32"),
+        SGLANG_CPU_ARGS,
         SGLANG_CPU_ENV,
     ),
 }

@@ -2,9 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from raylm.testing.cli import run_raylm
 
 TESTS = Path(__file__).resolve().parent
 
@@ -24,18 +25,11 @@ sys.exit(code)
 """
 
 
-def run_raylm(*args, python=sys.executable, env=None, timeout=600, extra_path=()):
+def run_raylm_probed(*args, python=sys.executable, env=None, timeout=600, extra_path=()):
     """Run `raylm ARGS`; returns (exit code, stdout, stderr lines without the probe's, heavy modules imported)."""
     environment = {**os.environ, **(env or {})}
     environment["PYTHONPATH"] = os.pathsep.join([*map(str, extra_path), str(TESTS)])
-    result = subprocess.run(
-        [python, "-c", PROBE, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-    )
+    result = run_raylm(*args, env=environment, timeout=timeout, command=(python, "-c", PROBE))
     lines = result.stderr.splitlines()
     heavy = next((json.loads(line.split("=", 1)[1]) for line in lines if line.startswith("RAYLM_TEST_HEAVY=")), None)
     stderr = [line for line in lines if not line.startswith("RAYLM_TEST_HEAVY=")]

@@ -3,16 +3,6 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    """The tiny random Llama, built once per checkout (a few seconds)."""
-    from raylm.testing.models import build_tiny_llama
-
-    return build_tiny_llama(REPO / ".cache" / "models" / "tiny-llama")
-
 
 @pytest.fixture(scope="session")
 def minilm_model() -> Path:

@@ -1,24 +1,18 @@
 """Helpers for the tests that serve real models: run the CLI, find free ports and leftover processes."""
 
 import socket
-import subprocess
-import sys
-from pathlib import Path
 
-from raylm import server_process
+from raylm import net
+from raylm.testing.cli import run_raylm
 from raylm.testing.processes import deployment_processes, processes_matching
-
-RAYLM = str(Path(sys.executable).parent / "raylm")
 
 
 def free_port():
-    return server_process.free_port("127.0.0.1")
+    return net.free_port("127.0.0.1")
 
 
 def run_cli(*args, env, timeout=900):
-    return subprocess.run(
-        [RAYLM, *args], capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+    return run_raylm(*args, env=env, timeout=timeout)
 
 
 def assert_port_free(port):

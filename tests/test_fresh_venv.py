@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from raylm.testing.cli import run_raylm
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,12 +55,7 @@ def pip(python, *args):
 
 
 def raylm(python, *args, env=None):
-    return subprocess.run(
-        [str(Path(python).parent / "raylm"), *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
-    )
+    return run_raylm(*args, env={"PATH": "/usr/bin:/bin", **(env or {})}, command=(str(Path(python).parent / "raylm"),))
 
 
 def names(result):

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from servetools import free_port
 
+from raylm.testing.cli import run_raylm
+
 pytestmark = pytest.mark.install
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,12 +81,10 @@ class FreshVenv:
         assert installed.returncode == 0, f"{line}\n{installed.stdout[-3000:]}\n{installed.stderr[-3000:]}"
 
     def run(self, *command, timeout=600):
-        return subprocess.run(
-            [*command], env=self.env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def raylm(self, *args, timeout=600):
-        return self.run(str(self.bin / "raylm"), *args, timeout=timeout)
+        return run_raylm(*args, env=self.env, timeout=timeout, command=(str(self.bin / "raylm"),))
 
     def plugins(self) -> dict:
         listed = self.raylm("plugins", "--json")
@@ -150,28 +150,28 @@ def test_the_gpu_line_installs_the_newest_vllm_in_range_and_its_plugins_are_usab
     assert {name: p["status"] for name, p in plugins.items()} == {"raylm-local": "ok", "raylm-vllm": "ok"}
 
 
-def test_the_gpu_build_refuses_a_bad_flag_with_vllms_own_message(gpu_node, tiny_model):
-    refused = gpu_node.raylm("serve", str(tiny_model), "--name", "gpu-bad", "--bogus-flag")
+def test_the_gpu_build_refuses_a_bad_flag_with_vllms_own_message(gpu_node, tiny_llama):
+    refused = gpu_node.raylm("serve", str(tiny_llama), "--name", "gpu-bad", "--bogus-flag")
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1] == (
         "raylm: error: model 'gpu-bad': vLLM rejected the arguments: unrecognized arguments: --bogus-flag"
     )
 
 
-def test_the_gpu_build_sizes_replicas_in_gpus(gpu_node, tiny_model):
-    assert gpu_node.checked(tiny_model, "--tensor-parallel-size", "4") == {
+def test_the_gpu_build_sizes_replicas_in_gpus(gpu_node, tiny_llama):
+    assert gpu_node.checked(tiny_llama, "--tensor-parallel-size", "4") == {
         "vllm": newest_vllm(),
         "device": "cuda",
         "gpus": 4,
     }
-    assert gpu_node.checked(tiny_model, "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2")["gpus"] == 4
+    assert gpu_node.checked(tiny_llama, "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2")["gpus"] == 4
 
 
-def test_a_replica_no_node_can_hold_is_refused_at_once_and_nothing_is_left(gpu_node, tiny_model):
+def test_a_replica_no_node_can_hold_is_refused_at_once_and_nothing_is_left(gpu_node, tiny_llama):
     from raylm.testing.processes import processes_matching
 
     served = gpu_node.raylm(
-        "serve", str(tiny_model), "--name", "gpu-two", "--port", str(free_port()), "--tensor-parallel-size", "2"
+        "serve", str(tiny_llama), "--name", "gpu-two", "--port", str(free_port()), "--tensor-parallel-size", "2"
     )
     lines = served.stderr.strip().splitlines()
     assert served.returncode == 1, served.stderr
@@ -185,16 +185,16 @@ def test_a_replica_no_node_can_hold_is_refused_at_once_and_nothing_is_left(gpu_n
     assert gpu_node.raylm("status").stdout.strip() == "no deployments running"
 
 
-def test_the_cml_line_gives_the_cai_backend_and_vllms_gpu_build(cml_project, tiny_model):
+def test_the_cml_line_gives_the_cai_backend_and_vllms_gpu_build(cml_project, tiny_llama):
     plugins = cml_project.plugins()
     assert sorted(plugins) == ["raylm-cai", "raylm-vllm"]
     assert all(p["status"] == "ok" for p in plugins.values()), plugins
     assert cml_project.raylm("cai", "--help").returncode == 0
-    assert cml_project.checked(tiny_model, "--tensor-parallel-size", "2")["gpus"] == 2
+    assert cml_project.checked(tiny_llama, "--tensor-parallel-size", "2")["gpus"] == 2
 
 
 @pytest.mark.engine
-def test_the_cpu_line_serves_the_tiny_model(cpu_machine, tiny_model):
+def test_the_cpu_line_serves_the_tiny_model(cpu_machine, tiny_llama):
     import openai
 
     from raylm.engine import args_to_argv
@@ -203,7 +203,7 @@ def test_the_cpu_line_serves_the_tiny_model(cpu_machine, tiny_model):
     port = free_port()
     served = cpu_machine.raylm(
         "serve",
-        str(tiny_model),
+        str(tiny_llama),
         "--name",
         "cpu-line",
         "--port",

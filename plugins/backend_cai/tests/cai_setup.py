@@ -1,14 +1,13 @@
 """What the cai tests share: the fake's key and runtime, and running raylm as a user of CML would."""
 
-import subprocess
 import sys
 from pathlib import Path
 
+from raylm.testing.cli import run_raylm
 from raylm_cai.testing import DEFAULT_RUNTIME
 
 API_KEY = "fake-cml-api-key-0123456789"
 RUNTIME = DEFAULT_RUNTIME
-RAYLM = str(Path(sys.executable).parent / "raylm")
 
 
 class Console:
@@ -18,10 +17,7 @@ class Console:
         self.output = []
 
     def __call__(self, *args, env, timeout=900):
-        done = subprocess.run(
-            [RAYLM, *args], env=env, cwd=env["HOME"], capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+        done = run_raylm(*args, env=env, cwd=env["HOME"], timeout=timeout)
         self.output += [done.stdout, done.stderr]
         return done
 

@@ -12,7 +12,7 @@ import pytest
 from cai_setup import API_KEY, RUNTIME, Console, session_path
 
 from raylm.engine import args_to_argv
-from raylm.server_process import free_port
+from raylm.net import free_port
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
@@ -24,14 +24,14 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture
-def raylm():
+def console():
     return Console()
 
 
-def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, raylm):
+def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, console):
     started = time.monotonic()
     # No --backend: inside a CML workload the default backend is cai.
-    done = raylm("cluster", "up", "--workers", "2", *SIZES, env={**session_env, "CDSW_APIV2_KEY": "x"})
+    done = console("cluster", "up", "--workers", "2", *SIZES, env={**session_env, "CDSW_APIV2_KEY": "x"})
     assert done.returncode == 1
     assert time.monotonic() - started < 30
     assert done.stderr.strip().splitlines() == [
@@ -41,7 +41,7 @@ def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, 
     assert cml.applications() == []
 
 
-def test_up_from_outside_cml_says_where_to_run_it(cml, project, raylm, tmp_path):
+def test_up_from_outside_cml_says_where_to_run_it(cml, project, console, tmp_path):
     laptop = {
         "PATH": session_path(),
         "HOME": str(tmp_path),
@@ -49,17 +49,17 @@ def test_up_from_outside_cml_says_where_to_run_it(cml, project, raylm, tmp_path)
         "RAYLM_CML_PROJECT": "demo",
         "RAYLM_CML_API_KEY": API_KEY,
     }
-    done = raylm("cluster", "up", "--backend", "cai", *SIZES, env=laptop)
+    done = console("cluster", "up", "--backend", "cai", *SIZES, env=laptop)
     assert done.returncode == 1
     assert "run this in a CML session or job of that project, or use `raylm cai deploy`" in done.stderr
     assert cml.applications() == []
-    assert raylm("cluster", "status", "--backend", "cai", env=laptop).stdout.strip() == "no such cluster running"
+    assert console("cluster", "status", "--backend", "cai", env=laptop).stdout.strip() == "no such cluster running"
 
 
-def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env, raylm):
+def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env, console):
     cml.faults.fail_applications(r"-worker-2$")
     try:
-        done = raylm(
+        done = console(
             "cluster", "up", "--backend", "cai", "--cluster", "broken", "--workers", "2", *SIZES, env=session_env
         )
     finally:
@@ -71,11 +71,11 @@ def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env
     assert cml.pod_processes() == []
 
 
-def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llama):
+def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_llama):
     # CML answers 503, then 429, to the first application create: retried, and `up` still succeeds.
     cml.faults.fail_requests("POST", r"/applications$", 503)
     cml.faults.fail_requests("POST", r"/applications$", 429)
-    up = raylm(
+    up = console(
         "cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, "--json", env=session_env
     )
     assert up.returncode == 0, up.stderr
@@ -93,12 +93,12 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     refused = ray_node_ips(cluster["address"], session_env, token_file=None)
     assert refused is None, "a driver without the cluster's token must be refused"
 
-    again = raylm("cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, env=session_env)
+    again = console("cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, env=session_env)
     assert again.returncode == 0 and "creating application" not in again.stderr  # idempotent
 
     port = free_port("127.0.0.1")
     serve = ["serve", str(tiny_llama), "--name", "tiny", "--backend", "cai", "--cluster", "main"]
-    served = raylm(*serve, "--port", str(port), "--detach", *TINY_ARGS, env=session_env)
+    served = console(*serve, "--port", str(port), "--detach", *TINY_ARGS, env=session_env)
     assert served.returncode == 0, served.stderr
     url = served.stdout.strip().splitlines()[-1]
     assert url == f"http://{head_ip}:{port}/v1"  # the router listens on the head node, at its cluster IP
@@ -119,21 +119,21 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, raylm, tiny_llam
     secrets = {"API key": API_KEY, "Ray token": token_file.read_text().strip()}
     assert_not_in_command_lines(secrets)
 
-    status = raylm("status", "tiny", "--json", env=session_env)
+    status = console("status", "tiny", "--json", env=session_env)
     assert json.loads(status.stdout)[0]["ready"] is True
-    assert raylm("stop", "tiny", env=session_env).returncode == 0
+    assert console("stop", "tiny", env=session_env).returncode == 0
 
-    scaled = raylm("cluster", "scale", "--backend", "cai", "--cluster", "main", "--workers", "1", env=session_env)
+    scaled = console("cluster", "scale", "--backend", "cai", "--cluster", "main", "--workers", "1", env=session_env)
     assert scaled.returncode == 0, scaled.stderr
     assert sorted(app["name"] for app in cml.applications()) == ["raylm-main-head", "raylm-main-worker-1"]
 
-    down = raylm("cluster", "down", "--backend", "cai", "--cluster", "main", env=session_env)
+    down = console("cluster", "down", "--backend", "cai", "--cluster", "main", env=session_env)
     assert down.returncode == 0, down.stderr
     assert cml.applications() == []
     assert cml.pod_processes() == []
     assert cml.killed_after_grace == [], "a Ray node did not stop within CML's grace time"
     assert not token_file.exists()
-    assert_not_in_files(secrets, raylm.output, [cml.root / "logs", cml.pod_tmp_root])
+    assert_not_in_files(secrets, console.output, [cml.root / "logs", cml.pod_tmp_root])
 
 
 def ray_node_ips(address, session_env, token_file):

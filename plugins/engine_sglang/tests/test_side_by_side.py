@@ -6,9 +6,7 @@ its engine's own Python (Ray's py_executable). Talked to with the OpenAI client.
 
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,14 +14,13 @@ import pytest
 import yaml
 from sglang_setup import CPU_ARGS, CPU_ENV
 
-from raylm.server_process import free_port
+from raylm.net import free_port
+from raylm.testing.cli import run_raylm
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.testing.processes import processes_matching
 from raylm_local.backend import ray_temp_dir
 
 pytestmark = pytest.mark.engine
-
-RAYLM = str(Path(sys.executable).parent / "raylm")
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +53,10 @@ def endpoint(tmp_path_factory, tiny_llama, sglang_python):
             }
         )
     )
-    run = subprocess.run(
-        [RAYLM, "serve", "-f", str(plan), "--detach"], capture_output=True, text=True, env=env, timeout=900
-    )
+    run = run_raylm("serve", "-f", str(plan), "--detach", env=env)
     assert run.returncode == 0, run.stderr
     yield f"http://127.0.0.1:{port}"
-    stopped = subprocess.run([RAYLM, "stop", "pair"], capture_output=True, text=True, env=env, timeout=300)
+    stopped = run_raylm("stop", "pair", env=env, timeout=300)
     assert stopped.returncode == 0, stopped.stderr
     assert processes_matching(str(ray_temp_dir(home, "pair"))) == []
     assert processes_matching("sglang.launch_server", "--served-model-name tiny-sglang ") == []

@@ -5,17 +5,13 @@ import sys
 import pytest
 
 from raylm import ModelDeployment
+from raylm.engine import args_to_argv
 from raylm.errors import ConfigError
 from raylm.testing.contracts import EngineContract
-from raylm.testing.models import build_tiny_llama
+from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm_vllm.engine import VLLMEngine
 
-TINY_ARGS = ("--max-model-len", "256", "--dtype", "float32", "--kv-cache-memory-bytes", str(64 * 2**20))
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
+TINY_ARGS = args_to_argv(TINY_LLAMA_VLLM_ARGS)
 
 
 class TestVLLMEngine(EngineContract):

