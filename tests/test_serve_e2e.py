@@ -26,7 +26,7 @@ pytestmark = pytest.mark.engine
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory, tiny_model, minilm_model):
+def deployment(tmp_path_factory, tiny_llama, minilm_model):
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     port = free_port()
@@ -37,7 +37,7 @@ def deployment(tmp_path_factory, tiny_model, minilm_model):
                 "name": "e2e",
                 "server": {"port": port},
                 "models": [
-                    {"model": str(tiny_model), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_LLAMA_VLLM_ARGS},
+                    {"model": str(tiny_llama), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_LLAMA_VLLM_ARGS},
                     {
                         "model": str(minilm_model),
                         "name": "minilm-e2e",
@@ -192,8 +192,8 @@ def test_health_readiness_and_status(deployment):
     assert record["name"] == "e2e" and record["ready"] and record["models"] == ["tiny-e2e", "minilm-e2e"]
 
 
-def test_serving_the_same_name_again_is_refused(deployment, tiny_model):
-    again = run_cli("serve", str(tiny_model), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
+def test_serving_the_same_name_again_is_refused(deployment, tiny_llama):
+    again = run_cli("serve", str(tiny_llama), "--name", "e2e", "--port", str(free_port()), env=deployment["env"])
     assert again.returncode == 1
     assert "a deployment named 'e2e' already runs" in again.stderr.strip().splitlines()[-1]
 

@@ -62,9 +62,9 @@ class Foreground:
         return self.process.wait(timeout=180)
 
 
-def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_model):
+def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_llama):
     port = free_port()
-    serving = Foreground(str(tiny_model), "--name", "fg-tiny", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    serving = Foreground(str(tiny_llama), "--name", "fg-tiny", "--port", str(port), *TINY_ARGV, home=tmp_path)
     serving.wait_for("press Ctrl-C to stop", timeout_s=600)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     assert client.completions.create(model="fg-tiny", prompt="Hello", max_tokens=4).usage.completion_tokens == 4
@@ -74,9 +74,9 @@ def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_model):
     assert_port_free(port)
 
 
-def test_a_foreground_serve_ends_when_stopped_from_another_shell(tmp_path, tiny_model):
+def test_a_foreground_serve_ends_when_stopped_from_another_shell(tmp_path, tiny_llama):
     port = free_port()
-    serving = Foreground(str(tiny_model), "--name", "fg-other", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    serving = Foreground(str(tiny_llama), "--name", "fg-other", "--port", str(port), *TINY_ARGV, home=tmp_path)
     serving.wait_for("press Ctrl-C to stop", timeout_s=600)
     stopped = run_cli("stop", "fg-other", env={**os.environ, "RAYLM_HOME": str(tmp_path)})
     assert stopped.returncode == 0, stopped.stderr
@@ -85,19 +85,19 @@ def test_a_foreground_serve_ends_when_stopped_from_another_shell(tmp_path, tiny_
     assert leftovers(ray_temp_dir(tmp_path, "fg-other"), "fg-other", "fg-other") == []
 
 
-def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_model):
+def test_ctrl_c_while_starting_stops_everything(tmp_path, tiny_llama):
     port = free_port()
-    starting = Foreground(str(tiny_model), "--name", "fg-early", "--port", str(port), *TINY_ARGV, home=tmp_path)
+    starting = Foreground(str(tiny_llama), "--name", "fg-early", "--port", str(port), *TINY_ARGV, home=tmp_path)
     starting.wait_for("fg-early: deploying", timeout_s=300)
     assert starting.ctrl_c() == 130
     assert leftovers(ray_temp_dir(tmp_path, "fg-early"), "fg-early", "fg-early") == []
     assert_port_free(port)
 
 
-def test_an_engine_that_fails_to_start_is_reported_and_cleaned_up(raylm_home, tiny_model):
+def test_an_engine_that_fails_to_start_is_reported_and_cleaned_up(raylm_home, tiny_llama):
     # Valid for vLLM's parser, impossible at start: a KV cache of one byte.
     model = raylm.ModelDeployment(
-        model=str(tiny_model),
+        model=str(tiny_llama),
         name="doomed",
         engine="vllm",
         engine_args=args_to_argv({**TINY_LLAMA_VLLM_ARGS, "kv_cache_memory_bytes": 1}),

@@ -1,166 +1,49 @@
-"""FakeCML: a stand-in for the Cloudera ML REST API v2 that does real work behind the contract.
-
-It follows the contract field for field (paths, snake_case JSON, `environment` as an
-object on create and a JSON string in answers, int64 fields as strings, status
-values, `next_page_token` paging, substring `search_filter`, gRPC-shaped errors)
-and rejects what CML rejects. Behind it:
-
-- a project is a folder (`template: git` clones `git_url` into it); it plays
-  `/home/cdsw`, the project filesystem every workload of the project shares;
-- an application or job run starts its script as a real local process, with the
-  project folder as working directory and `HOME`, the `CDSW_*` environment CML gives
-  and its own loopback IP (127.0.0.2, 127.0.0.3, ...) as `CDSW_IP_ADDRESS`, like a
-  pod of its own; an application turns `APPLICATION_RUNNING` once its
-  `CDSW_APP_PORT` answers HTTP, `APPLICATION_FAILED` when its process dies;
-  stopping or deleting it ends every process of its "pod";
-- a job run that succeeds starts the runs of the jobs that depend on it.
-
-Faults for tests: `fake.faults.fail_requests(...)` (5xx, 429, ...),
-`fake.faults.fail_applications(...)` (apps that cannot be scheduled),
-`fake.starting_delay_s` (slow starts), and any key not in `api_keys` is refused.
-
-    with FakeCML(tmp_path) as cml:
-        project = cml.create_project("demo")
-        env = cml.session_environment(project["id"])   # what a CML session of the project sees
-        subprocess.run(["raylm", "cluster", "up", "--backend", "cai"], env=env)
-
-Run one for your own automation: `python -m raylm_cai.testing --root DIR` prints its URL and key.
-"""
+"""FakeCML itself: the workspace's state (projects, applications, jobs, runs) and the API's routes."""
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import itertools
 import json
-import os
 import re
 import secrets
 import shlex
 import shutil
-import string
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-from raylm.processes import end_processes
-from raylm.server_process import free_ports_in
+from raylm.waiting import wait_until
+from raylm_cai.testing import pods
+from raylm_cai.testing.faults import Faults
+from raylm_cai.testing.http import handler_for
+from raylm_cai.testing.wire import (
+    APPLICATION_CREATE_FIELDS,
+    APPLICATION_UPDATE_FIELDS,
+    JOB_CREATE_FIELDS,
+    JOB_UPDATE_FIELDS,
+    PROJECT_CREATE_FIELDS,
+    PROJECT_UPDATE_FIELDS,
+    RUN_CREATE_FIELDS,
+    APIError,
+    cml_id,
+    json_string_field,
+    now,
+    object_field,
+    page,
+    public,
+    resources,
+)
 
 DEFAULT_RUNTIME = (
     "docker.repository.cloudera.com/cloudera/cdsw/ml-runtime-pbj-workbench-python3.11-standard:2025.09.1-b5"
 )
 USER = {"username": "fake-user", "name": "Fake User", "email": "fake-user@example.com"}
-STOP_GRACE_S = 10.0
 TERMINAL_RUN_STATES = {"ENGINE_SUCCEEDED", "ENGINE_FAILED", "ENGINE_TIMEDOUT", "ENGINE_STOPPED"}
-
-# gRPC status codes CML's gateway returns, with their HTTP status.
-GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 429: 8, 500: 13, 501: 12, 502: 14, 503: 14, 504: 4}
-
-# Loopback addresses handed to workloads, one per "pod", unique within this Python process.
-_pod_addresses = (f"127.0.{high}.{low}" for high in itertools.count() for low in range(2, 255))
-_pod_addresses_lock = threading.Lock()
-
-
-def _next_pod_ip() -> str:
-    with _pod_addresses_lock:
-        return next(_pod_addresses)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _cml_id() -> str:
-    """Ids shaped like CML's: four groups of four lowercase letters and digits."""
-    alphabet = string.ascii_lowercase + string.digits
-    return "-".join("".join(secrets.choice(alphabet) for _ in range(4)) for _ in range(4))
-
-
-# Ports for CDSW_APP_PORT and the like: below the kernel's ephemeral range (32768+), where an outgoing
-# connection could take one before the workload binds it, and apart from what a Ray node on the same
-# host uses (10001, worker ports 10002-19999) and from raylm-local's 20000-29999.
-POD_PORTS = range(30000, 32768)
-
-
-def _free_port() -> int:
-    return free_ports_in(POD_PORTS)[0]
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class _Rule:
-    method: str
-    path: re.Pattern
-    status: int
-    remaining: int
-
-
-class Faults:
-    """What the fake should get wrong on purpose."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rules: list[_Rule] = []
-        self._failing_apps: list[re.Pattern] = []
-
-    def fail_requests(self, method: str, path_pattern: str, status: int, times: int = 1) -> None:
-        """Answer the next `times` requests whose /api/v2 path matches `path_pattern` with `status`.
-
-        A 429 carries `Retry-After: 1`, as a throttling gateway would.
-        """
-        with self._lock:
-            self._rules.append(_Rule(method.upper(), re.compile(path_pattern), status, times))
-
-    def fail_applications(self, name_pattern: str) -> None:
-        """Applications whose name matches cannot be scheduled: they turn APPLICATION_FAILED, never run."""
-        with self._lock:
-            self._failing_apps.append(re.compile(name_pattern))
-
-    def clear(self) -> None:
-        """Forget every fault not yet used."""
-        with self._lock:
-            self._rules.clear()
-            self._failing_apps.clear()
-
-    def injected_status(self, method: str, path: str) -> int | None:
-        with self._lock:
-            for rule in self._rules:
-                if rule.remaining > 0 and rule.method == method and rule.path.search(path):
-                    rule.remaining -= 1
-                    return rule.status
-        return None
-
-    def app_fails(self, name: str) -> bool:
-        with self._lock:
-            return any(pattern.search(name) for pattern in self._failing_apps)
-
-
-@dataclass
-class _Workload:
-    """A "pod": the process of an application or a job run, and what CML gave it."""
-
-    engine_id: str
-    ip: str
-    process: subprocess.Popen | None = None
-    app_port: int = 0
-    started: float = field(default_factory=time.monotonic)
-    log: Path | None = None
 
 
 class FakeCML:
@@ -190,13 +73,13 @@ class FakeCML:
         self._apps: dict[str, dict[str, Any]] = {}
         self._jobs: dict[str, dict[str, Any]] = {}
         self._runs: dict[str, dict[str, Any]] = {}
-        self._workloads: dict[str, _Workload] = {}  # by application or run id
+        self._workloads: dict[str, pods.Workload] = {}  # by application or run id
         self.killed_after_grace: list[str] = []  # ids of workloads whose processes outlived SIGTERM's grace time
         # Pods get a short private /tmp (Unix socket paths must stay under 108 bytes).
         self.pod_tmp_root = Path("/tmp") / f"fakecml-{secrets.token_hex(3)}"
         self._closing = threading.Event()
         self._request_key = threading.local()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -233,36 +116,29 @@ class FakeCML:
     def create_project(self, name: str, **fields: Any) -> dict[str, Any]:
         """Create a project as `POST /api/v2/projects` would (and wait while it clones)."""
         project = self._create_project({"name": name, **fields})
-        deadline = time.monotonic() + 120
-        while self._projects[project["id"]]["creation_status"] == "creating" and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return self._public(self._projects[project["id"]])
+        wait_until(
+            lambda: self._projects[project["id"]]["creation_status"] != "creating",
+            timeout_s=120,
+            poll_s=0.1,
+            on_timeout=lambda: APIError(500, f"project {name!r} still creating after 120s"),
+        )
+        return public(self._projects[project["id"]])
 
     def project_dir(self, project_id: str) -> Path:
         return self.root / "projects" / project_id
 
     def session_environment(self, project_id: str, api_key: str | None = None) -> dict[str, str]:
         """The environment of a CML session in the project: run raylm with it to act "inside CML"."""
-        workload = _Workload(engine_id=secrets.token_hex(8), ip=_next_pod_ip())
+        workload = pods.Workload(engine_id=secrets.token_hex(8), ip=pods.next_pod_ip())
         return self._environment(self._projects[project_id], workload, api_key or self.api_keys[0])
 
     def applications(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [self._public(app) for app in self._apps.values()]
+            return [public(app) for app in self._apps.values()]
 
     def pod_processes(self) -> list[int]:
         """Pids of every live process started for a workload of this fake (its "pods")."""
-        import psutil
-
-        marker = str(self.pod_tmp_root)
-        pids = []
-        for process in psutil.process_iter():
-            try:
-                if process.environ().get("TMPDIR", "").startswith(marker) and process.status() != "zombie":
-                    pids.append(process.pid)
-            except psutil.Error:
-                continue
-        return pids
+        return [process.pid for process in pods.members(self.pod_tmp_root)]
 
     def log_of(self, workload_id: str) -> str:
         """Output of an application's or job run's process."""
@@ -299,15 +175,15 @@ class FakeCML:
         name = body.get("name")
         if not name:
             raise APIError(400, "project name is required")
-        environment = _object_field(body, "environment")
+        environment = object_field(body, "environment")
         visibility = body.get("visibility") or "private"
         if visibility not in ("private", "organization", "public"):
             raise APIError(400, f"invalid visibility {visibility!r}")
-        project_id = _cml_id()
+        project_id = cml_id()
         folder = self.project_dir(project_id)
         folder.parent.mkdir(parents=True, exist_ok=True)
         template = body.get("template") or "blank"
-        stamp = _now()
+        stamp = now()
         project = {
             "id": project_id,
             "name": name,
@@ -332,7 +208,7 @@ class FakeCML:
         else:
             folder.mkdir()
             project["creation_status"] = "success"
-        return self._public(project)
+        return public(project)
 
     def _clone(self, project: dict[str, Any], body: Mapping[str, Any]) -> None:
         folder = self.project_dir(project["id"])
@@ -349,21 +225,21 @@ class FakeCML:
         return project
 
     def list_projects(self, query, body):
-        return self._list(self._projects.values(), "projects", query)
+        return page(self._projects.values(), "projects", query)
 
     def create_project_route(self, query, body):
         return self._create_project(body)
 
     def get_project(self, project_id, query, body):
-        return self._public(self._project(project_id))
+        return public(self._project(project_id))
 
     def update_project(self, project_id, query, body):
         project = self._project(project_id)
         self._check_fields(f"projects/{project_id}", body, PROJECT_UPDATE_FIELDS)
         for key in PROJECT_UPDATE_FIELDS & set(body):
-            project[key] = _json_string_field(body, key) if key == "environment" else body[key]
-        project["updated_at"] = _now()
-        return self._public(project)
+            project[key] = json_string_field(body, key) if key == "environment" else body[key]
+        project["updated_at"] = now()
+        return public(project)
 
     def delete_project(self, project_id, query, body):
         self._project(project_id)
@@ -392,13 +268,13 @@ class FakeCML:
             }
             for image in self.runtimes
         ]
-        return self._list(rows, "runtimes", query)
+        return page(rows, "runtimes", query)
 
     # applications
 
     def list_applications(self, project_id, query, body):
         self._project(project_id)
-        return self._list([a for a in self._apps.values() if a["_project"] == project_id], "applications", query)
+        return page([a for a in self._apps.values() if a["_project"] == project_id], "applications", query)
 
     def create_application(self, project_id, query, body):
         project = self._project(project_id)
@@ -413,11 +289,11 @@ class FakeCML:
                 raise APIError(400, f"subdomain {subdomain!r} is already in use")
         if not body.get("name") or not body.get("script"):
             raise APIError(400, "an application needs a name and a script")
-        cpu, memory, gpus = _resources(body)
-        environment = {**json.loads(project["environment"]), **_object_field(body, "environment")}
-        stamp = _now()
+        cpu, memory, gpus = resources(body)
+        environment = {**json.loads(project["environment"]), **object_field(body, "environment")}
+        stamp = now()
         app = {
-            "id": _cml_id(),
+            "id": cml_id(),
             "name": body["name"],
             "description": body.get("description") or "",
             "script": body["script"],
@@ -443,7 +319,7 @@ class FakeCML:
         with self._lock:
             self._apps[app["id"]] = app
         self._start_application(app)
-        return self._public(app)
+        return public(app)
 
     def _application(self, project_id, app_id) -> dict[str, Any]:
         self._project(project_id)
@@ -453,29 +329,29 @@ class FakeCML:
         return app
 
     def get_application(self, project_id, app_id, query, body):
-        return self._public(self._application(project_id, app_id))
+        return public(self._application(project_id, app_id))
 
     def update_application(self, project_id, app_id, query, body):
         app = self._application(project_id, app_id)
         self._check_fields(f"projects/{project_id}/applications/{app_id}", body, APPLICATION_UPDATE_FIELDS)
         for key in APPLICATION_UPDATE_FIELDS & set(body):
-            app[key] = _json_string_field(body, key) if key == "environment" else body[key]
-        app["updated_at"] = _now()
-        return self._public(app)
+            app[key] = json_string_field(body, key) if key == "environment" else body[key]
+        app["updated_at"] = now()
+        return public(app)
 
     def application_action(self, project_id, app_id, action, query, body):
         app = self._application(project_id, app_id)
         if action == "stop":
             app["status"] = "APPLICATION_STOPPING"
             self._end_workload(app_id)
-            app.update(status="APPLICATION_STOPPED", stopped_at=_now())
+            app.update(status="APPLICATION_STOPPED", stopped_at=now())
         elif action == "restart":
             self._end_workload(app_id)
-            app.update(status="APPLICATION_STARTING", starting_at=_now(), running_at=None, stopped_at=None)
+            app.update(status="APPLICATION_STARTING", starting_at=now(), running_at=None, stopped_at=None)
             self._start_application(app)  # a new pod: a new IP
         else:
             raise APIError(404, f"no action :{action} on applications")
-        return self._public(app)
+        return public(app)
 
     def delete_application(self, project_id, app_id, query, body):
         self._application(project_id, app_id)
@@ -485,7 +361,7 @@ class FakeCML:
         return {}
 
     def _start_application(self, app: dict[str, Any]) -> None:
-        workload = _Workload(engine_id=secrets.token_hex(8), ip=_next_pod_ip(), app_port=_free_port())
+        workload = pods.Workload(engine_id=secrets.token_hex(8), ip=pods.next_pod_ip(), app_port=pods.free_pod_port())
         with self._lock:
             self._workloads[app["id"]] = workload
         if self.faults.app_fails(app["name"]):
@@ -496,7 +372,7 @@ class FakeCML:
 
     def list_jobs(self, project_id, query, body):
         self._project(project_id)
-        return self._list([j for j in self._jobs.values() if j["_project"] == project_id], "jobs", query)
+        return page([j for j in self._jobs.values() if j["_project"] == project_id], "jobs", query)
 
     def create_job(self, project_id, query, body):
         project = self._project(project_id)
@@ -509,10 +385,10 @@ class FakeCML:
             raise APIError(400, "parent_job_id cannot be used alongside schedule")
         if parent and self._jobs.get(parent, {}).get("_project") != project_id:
             raise APIError(400, f"parent job {parent} not found in this project")
-        cpu, memory, gpus = _resources(body)
-        stamp = _now()
+        cpu, memory, gpus = resources(body)
+        stamp = now()
         job = {
-            "id": _cml_id(),
+            "id": cml_id(),
             "name": body["name"],
             "script": body["script"],
             "arguments": body.get("arguments") or "",
@@ -526,7 +402,7 @@ class FakeCML:
             "nvidia_gpu": gpus,
             "timeout": str(int(body.get("timeout") or 0)),
             "kill_on_timeout": bool(body.get("kill_on_timeout", False)),
-            "environment": json.dumps(_object_field(body, "environment")),
+            "environment": json.dumps(object_field(body, "environment")),
             "runtime_identifier": body.get("runtime_identifier") or "",
             "engine_image_id": "0",
             "created_at": stamp,
@@ -537,7 +413,7 @@ class FakeCML:
         }
         with self._lock:
             self._jobs[job["id"]] = job
-        return self._public(job)
+        return public(job)
 
     def _job(self, project_id, job_id) -> dict[str, Any]:
         self._project(project_id)
@@ -547,20 +423,20 @@ class FakeCML:
         return job
 
     def get_job(self, project_id, job_id, query, body):
-        return self._public(self._job(project_id, job_id))
+        return public(self._job(project_id, job_id))
 
     def update_job(self, project_id, job_id, query, body):
         job = self._job(project_id, job_id)
         self._check_fields(f"projects/{project_id}/jobs/{job_id}", body, JOB_UPDATE_FIELDS)
         for key in JOB_UPDATE_FIELDS & set(body):
             if key == "environment":
-                job[key] = _json_string_field(body, key)
+                job[key] = json_string_field(body, key)
             elif key == "timeout":
                 job[key] = str(int(body[key]))
             else:
                 job[key] = body[key]
-        job["updated_at"] = _now()
-        return self._public(job)
+        job["updated_at"] = now()
+        return public(job)
 
     def delete_job(self, project_id, job_id, query, body):
         self._job(project_id, job_id)
@@ -570,19 +446,19 @@ class FakeCML:
 
     def list_runs(self, project_id, job_id, query, body):
         self._job(project_id, job_id)
-        return self._list([r for r in self._runs.values() if r["job_id"] == job_id], "job_runs", query)
+        return page([r for r in self._runs.values() if r["job_id"] == job_id], "job_runs", query)
 
     def create_run(self, project_id, job_id, query, body):
         job = self._job(project_id, job_id)
         self._check_fields(f"projects/{project_id}/jobs/{job_id}/runs", body, RUN_CREATE_FIELDS)
-        run = self._start_run(job, _object_field(body, "environment"), body.get("arguments"), self._current_key())
-        return self._public(run)
+        run = self._start_run(job, object_field(body, "environment"), body.get("arguments"), self._current_key())
+        return public(run)
 
     def _start_run(self, job: dict, environment: dict[str, str], arguments: str | None, api_key: str) -> dict:
         with self._lock:
             if any(r["job_id"] == job["id"] and r["status"] not in TERMINAL_RUN_STATES for r in self._runs.values()):
                 raise APIError(400, f"job {job['id']} already has an active run")
-            stamp = _now()
+            stamp = now()
             run = {
                 "id": secrets.token_hex(8),
                 "project_id": job["_project"],
@@ -614,7 +490,7 @@ class FakeCML:
         return run
 
     def get_run(self, project_id, job_id, run_id, query, body):
-        return self._public(self._run(project_id, job_id, run_id))
+        return public(self._run(project_id, job_id, run_id))
 
     def run_action(self, project_id, job_id, run_id, action, query, body):
         run = self._run(project_id, job_id, run_id)
@@ -624,8 +500,8 @@ class FakeCML:
             raise APIError(400, f"job run {run_id} has already finished ({run['status']})")
         run["status"] = "ENGINE_STOPPING"
         self._end_workload(run_id)
-        run.update(status="ENGINE_STOPPED", finished_at=_now())
-        return self._public(run)
+        run.update(status="ENGINE_STOPPED", finished_at=now())
+        return public(run)
 
     # -- behind the API ----------------------------------------------------------
 
@@ -640,9 +516,9 @@ class FakeCML:
         if runtime and runtime not in self.runtimes:
             raise APIError(400, f"runtime {runtime!r} is not available in this workspace")
 
-    def _environment(self, project: Mapping[str, Any], workload: _Workload, api_key: str) -> dict[str, str]:
+    def _environment(self, project: Mapping[str, Any], workload: pods.Workload, api_key: str) -> dict[str, str]:
         folder = self.project_dir(project["id"])
-        tmp = self.pod_tmp_root / workload.engine_id[:8]
+        tmp = workload.folder(self.pod_tmp_root)
         tmp.mkdir(parents=True, exist_ok=True)
         return {
             "PATH": f"{Path(self.python).parent}:/usr/local/bin:/usr/bin:/bin",
@@ -657,8 +533,8 @@ class FakeCML:
             "CDSW_APIV2_KEY": api_key,
             "CDSW_ENGINE_ID": workload.engine_id,
             "CDSW_IP_ADDRESS": workload.ip,
-            "CDSW_APP_PORT": str(workload.app_port or _free_port()),
-            "CDSW_READONLY_PORT": str(_free_port()),
+            "CDSW_APP_PORT": str(workload.app_port or pods.free_pod_port()),
+            "CDSW_READONLY_PORT": str(pods.free_pod_port()),
             **json.loads(project["environment"]),
         }
 
@@ -666,43 +542,16 @@ class FakeCML:
         env = {**self._environment(project, workload, api_key), **json.loads(source["environment"])}
         logs = self.root / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        workload.log = logs / f"{source['id']}-{workload.engine_id}.log"
-        with open(workload.log, "wb") as log:
-            workload.process = subprocess.Popen(
-                [self.python, script, *shlex.split(arguments)],
-                cwd=self.project_dir(project["id"]),
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        workload.started = time.monotonic()
+        command = [self.python, script, *shlex.split(arguments)]
+        pods.start(
+            workload, command, self.project_dir(project["id"]), env, logs / f"{source['id']}-{workload.engine_id}.log"
+        )
 
     def _end_workload(self, workload_id: str) -> None:
-        """End a "pod": SIGTERM its first process, then SIGKILL whatever of it is left after the grace time."""
-        import psutil
-
         with self._lock:
             workload = self._workloads.pop(workload_id, None)
-        if workload is None or workload.process is None:
-            return
-        # A pod's processes are everything started in it: all carry its TMPDIR, or a folder inside it
-        # (an engine server gets a temporary folder of its own there).
-        marker = f"{self.pod_tmp_root}/{workload.engine_id[:8]}"
-        members = []
-        for process in psutil.process_iter():
-            try:
-                tmpdir = process.environ().get("TMPDIR", "")
-                if tmpdir == marker or tmpdir.startswith(marker + "/"):
-                    members.append(process)
-            except psutil.Error:
-                continue
-        # Like a container runtime: SIGTERM to the pod's first process, SIGKILL to all after the grace time.
-        first = next((p for p in members if p.pid == workload.process.pid), None)
-        if end_processes(members, STOP_GRACE_S, leader=first):
+        if workload is not None and workload.process is not None and pods.end(workload, self.pod_tmp_root):
             self.killed_after_grace.append(workload_id)
-        workload.process.wait()
 
     def _watch(self) -> None:
         """Move applications and job runs along their lifecycles."""
@@ -721,28 +570,28 @@ class FakeCML:
             return
         if workload.process is None:  # could not be scheduled
             if time.monotonic() - workload.started > max(1.0, self.starting_delay_s):
-                app.update(status="APPLICATION_FAILED", stopped_at=_now())
+                app.update(status="APPLICATION_FAILED", stopped_at=now())
             return
         code = workload.process.poll()
         if code is not None:
-            app.update(status="APPLICATION_STOPPED" if code == 0 else "APPLICATION_FAILED", stopped_at=_now())
+            app.update(status="APPLICATION_STOPPED" if code == 0 else "APPLICATION_FAILED", stopped_at=now())
             return
         if app["status"] == "APPLICATION_STARTING" and time.monotonic() - workload.started >= self.starting_delay_s:
             environment = json.loads(app["environment"])
             endpoint = environment.get("CDSW_APP_POLLING_ENDPOINT", "/")
-            if _answers(f"http://127.0.0.1:{workload.app_port}{endpoint}"):
-                app.update(status="APPLICATION_RUNNING", running_at=_now())
+            if pods.answers(f"http://127.0.0.1:{workload.app_port}{endpoint}"):
+                app.update(status="APPLICATION_RUNNING", running_at=now())
 
     def _watch_run(self, run: dict[str, Any]) -> None:
         job = self._jobs.get(run["job_id"])
         if run["status"] == "ENGINE_SCHEDULING" and job is not None:
-            workload = _Workload(engine_id=secrets.token_hex(8), ip=_next_pod_ip())
+            workload = pods.Workload(engine_id=secrets.token_hex(8), ip=pods.next_pod_ip())
             with self._lock:
                 self._workloads[run["id"]] = workload
-            run.update(status="ENGINE_STARTING", starting_at=_now())
+            run.update(status="ENGINE_STARTING", starting_at=now())
             project = self._projects[run["project_id"]]
             self._spawn(workload, project, run, job["script"], run["arguments"], run["_api_key"])
-            run.update(status="ENGINE_RUNNING", running_at=_now())
+            run.update(status="ENGINE_RUNNING", running_at=now())
             return
         workload = self._workloads.get(run["id"])
         if run["status"] != "ENGINE_RUNNING" or workload is None:
@@ -750,113 +599,18 @@ class FakeCML:
         timeout = int(job["timeout"]) if job else 0
         if timeout and time.monotonic() - workload.started > timeout:
             self._end_workload(run["id"])
-            run.update(status="ENGINE_TIMEDOUT", finished_at=_now())
+            run.update(status="ENGINE_TIMEDOUT", finished_at=now())
             return
         code = workload.process.poll()
         if code is None:
             return
-        run.update(status="ENGINE_SUCCEEDED" if code == 0 else "ENGINE_FAILED", finished_at=_now())
+        run.update(status="ENGINE_SUCCEEDED" if code == 0 else "ENGINE_FAILED", finished_at=now())
         if code == 0:  # dependent jobs run after a success only
             with self._lock:
                 children = [j for j in self._jobs.values() if j["parent_id"] == run["job_id"]]
             for child in children:
                 self._start_run(child, {}, None, run["_api_key"])
 
-    def _list(self, rows, key: str, query: Mapping[str, str]) -> dict[str, Any]:
-        rows = [self._public(row) for row in rows]
-        if query.get("search_filter"):
-            try:
-                wanted = json.loads(query["search_filter"])
-            except ValueError:
-                wanted = None
-            if not isinstance(wanted, dict):
-                raise APIError(400, "search_filter must be a JSON object")
-            rows = [r for r in rows if all(str(v).lower() in str(_field(r, k)).lower() for k, v in wanted.items())]
-        for sort_key in reversed([k for k in query.get("sort", "").split(",") if k]):
-            name = sort_key.lstrip("+-")
-            rows.sort(key=lambda r: str(_field(r, name)), reverse=sort_key.startswith("-"))
-        try:
-            size = int(query.get("page_size") or 10)
-            start = int(base64.urlsafe_b64decode(query["page_token"]).decode()) if query.get("page_token") else 0
-        except ValueError:
-            raise APIError(400, "invalid page_size or page_token") from None
-        end = start + max(size, 1)
-        token = base64.urlsafe_b64encode(str(end).encode()).decode() if end < len(rows) else ""
-        return {key: rows[start:end], "next_page_token": token}
-
-    @staticmethod
-    def _public(record: Mapping[str, Any]) -> dict[str, Any]:
-        """A record as the API shows it: no internal keys, no null timestamps sent as ""."""
-        return {k: v for k, v in record.items() if not k.startswith("_")}
-
-
-def _field(row: Mapping[str, Any], dotted: str) -> Any:
-    value: Any = row
-    for part in dotted.split("."):
-        value = value.get(part, "") if isinstance(value, Mapping) else ""
-    return value
-
-
-def _object_field(body: Mapping[str, Any], key: str) -> dict[str, str]:
-    value = body.get(key) or {}
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise APIError(400, f"{key} must be an object of strings on create")
-    return value
-
-
-def _json_string_field(body: Mapping[str, Any], key: str) -> str:
-    """Updates carry `environment` as a JSON-encoded string."""
-    value = body[key]
-    try:
-        decoded = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
-        decoded = None
-    if not isinstance(decoded, dict):
-        raise APIError(400, f"{key} must be a JSON-encoded object in updates")
-    return value
-
-
-def _resources(body: Mapping[str, Any]) -> tuple[float, float, int]:
-    try:
-        cpu, memory = float(body.get("cpu") or 1), float(body.get("memory") or 1)
-        gpus = int(body.get("nvidia_gpu") or 0)
-    except (TypeError, ValueError):
-        raise APIError(400, "cpu and memory must be numbers, nvidia_gpu an integer") from None
-    if cpu <= 0 or memory <= 0 or gpus < 0:
-        raise APIError(400, "cpu and memory must be positive, nvidia_gpu not negative")
-    return cpu, memory, gpus
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return response.status < 400
-    except OSError:
-        return False
-
-
-PROJECT_CREATE_FIELDS = {
-    "name", "description", "visibility", "parent_project", "git_url", "git_ref", "template",
-    "organization_permission", "default_project_engine_type", "environment", "shared_memory_limit", "team_name",
-}  # fmt: skip
-PROJECT_UPDATE_FIELDS = {"name", "description", "visibility", "shared_memory_limit", "environment"}
-APPLICATION_UPDATE_FIELDS = {
-    "name", "subdomain", "description", "script", "bypass_authentication", "kernel", "cpu", "memory",
-    "nvidia_gpu", "environment", "runtime_identifier",
-}  # fmt: skip
-APPLICATION_CREATE_FIELDS = APPLICATION_UPDATE_FIELDS | {
-    "project_id", "runtime_addon_identifiers", "run_as", "cdv_app", "accelerator_label_id",
-}  # fmt: skip
-JOB_UPDATE_FIELDS = {
-    "schedule", "parent_id", "name", "timeout", "cpu", "memory", "nvidia_gpu", "environment", "script",
-    "arguments", "kill_on_timeout", "runtime_identifier",
-}  # fmt: skip
-JOB_CREATE_FIELDS = JOB_UPDATE_FIELDS | {
-    "project_id", "parent_job_id", "kernel", "timezone", "paused", "runtime_addon_identifiers", "recipients",
-    "attachments", "success_recipients", "failure_recipients", "timeout_recipients", "stopped_recipients",
-    "run_as", "accelerator_label_id",
-}  # fmt: skip
-RUN_CREATE_FIELDS = {"project_id", "job_id", "environment", "arguments"}
 
 _ID = r"([^/:]+)"
 _ROUTES = {
@@ -882,63 +636,3 @@ _ROUTES = {
     ("GET", re.compile(rf"projects/{_ID}/jobs/{_ID}/runs/{_ID}")): FakeCML.get_run,
     ("POST", re.compile(rf"projects/{_ID}/jobs/{_ID}/runs/{_ID}:(\w+)")): FakeCML.run_action,
 }
-
-
-def _handler_for(fake: FakeCML) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            parts = urlsplit(self.path)
-            query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-            length = int(self.headers.get("content-length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            authorization = self.headers.get("authorization") or ""
-            api_key = authorization[len("Bearer ") :] if authorization.startswith("Bearer ") else None
-            fake._request_key.value = api_key
-            try:
-                if not parts.path.startswith("/api/v2/"):
-                    raise APIError(404, f"no such endpoint: {parts.path}")
-                try:
-                    body = json.loads(raw) if raw.strip() else None
-                except ValueError:
-                    raise APIError(400, "request body is not valid JSON") from None
-                answer, status = fake.handle(self.command, parts.path[len("/api/v2/") :], query, body, api_key), 200
-            except APIError as error:
-                code = GRPC_CODES.get(error.status, 2)
-                answer = {"error": error.message, "code": code, "message": error.message, "details": []}
-                status = error.status
-            payload = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
-            if status == 429:
-                self.send_header("retry-after", "1")
-            self.end_headers()
-            self.wfile.write(payload)
-
-        do_GET = do_POST = do_PATCH = do_DELETE = _serve
-
-        def log_message(self, *args: Any) -> None:  # requests are in `fake.requests`, not on stderr
-            pass
-
-    return Handler
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Run a FakeCML server until Ctrl-C.")
-    parser.add_argument("--root", required=True, help="folder for projects and workload logs")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--api-key", default=os.environ.get("FAKECML_API_KEY") or secrets.token_urlsafe(24))
-    args = parser.parse_args(argv)
-    with FakeCML(args.root, port=args.port, api_keys=(args.api_key,)) as fake:
-        print(f"FakeCML at {fake.url} (runtime {DEFAULT_RUNTIME})", flush=True)
-        print(f"export RAYLM_CML_URL={fake.url} RAYLM_CML_API_KEY={args.api_key}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
-
-
-if __name__ == "__main__":
-    main()
