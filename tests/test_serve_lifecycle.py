@@ -10,12 +10,13 @@ from pathlib import Path
 
 import openai
 import pytest
-from servetools import RAYLM, assert_port_free, free_port, leftovers, run_cli
+from servetools import assert_port_free, free_port, leftovers, run_cli
 
 import raylm
 from raylm.engine import args_to_argv
 from raylm.errors import DeploymentError
 from raylm.state import Records
+from raylm.testing.cli import RAYLM
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm_local.backend import ray_temp_dir
 
