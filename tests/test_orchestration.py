@@ -68,9 +68,13 @@ class FakeApps:
     def nodes(self):
         return [{"CPU": 8.0}]
 
-    def deploy(self, plan, engines, host, progress):
-        names = [f"raylm-{plan.name}-router"] + [f"raylm-{plan.name}-{e.deployment.name}" for e in engines]
-        self.deployed.setdefault(self.address, []).extend(names)
+    def deploy_router(self, plan, host, progress):
+        self.deployed.setdefault(self.address, []).append(f"raylm-{plan.name}-router")
+        CALLS.append(("deploy", (f"raylm-{plan.name}-router",)))
+
+    def deploy_models(self, plan, engines, progress):
+        names = [f"raylm-{plan.name}-{e.deployment.name}" for e in engines]
+        self.deployed[self.address].extend(names)
         CALLS.append(("deploy", tuple(names)))
 
     def wait_running(self, labels, progress, timeout_s):
@@ -123,7 +127,8 @@ def test_serving_starts_the_cluster_deploys_and_remembers_it(registry):
     assert CALLS == [
         ("up", "orch"),
         ("connect", "127.0.0.1:4"),
-        ("deploy", ("raylm-orch-router", "raylm-orch-small")),
+        ("deploy", ("raylm-orch-router",)),
+        ("deploy", ("raylm-orch-small",)),
         ("close", "127.0.0.1:4"),
     ]
     record = DEPLOYMENTS.load("orch")
@@ -152,19 +157,20 @@ def test_a_start_that_fails_stops_everything_it_started(registry):
     assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
 
 
-def test_a_bad_engine_argument_deploys_nothing_and_stops_the_cluster_started_meanwhile(registry):
+def test_a_bad_engine_argument_deploys_no_model_and_stops_what_started_meanwhile(registry):
     bad = raylm.ModelDeployment(model="m", name="small", engine="checked", engine_args=("--bad",))
     with pytest.raises(ConfigError, match="rejected the arguments: --bad"):
         serve(registry, plan("orch", bad))
-    assert CALLS == [("up", "orch"), ("down", "orch")]
-    assert DEPLOYMENTS.names() == []
+    assert ("deploy", ("raylm-orch-small",)) not in CALLS
+    assert FakeApps.deployed["127.0.0.1:4"] == [], "the router deployed meanwhile is deleted"
+    assert CALLS[-1] == ("down", "orch") and DEPLOYMENTS.names() == []
 
 
 def test_a_replica_no_node_can_hold_is_refused_before_anything_deploys(registry):
     big = raylm.ModelDeployment(model="m", name="big", engine="checked", engine_args=("--gpus", "2"))
     with pytest.raises(DeploymentError, match="needs 1 CPU and 2 GPUs on one node per replica"):
         serve(registry, plan("orch", big))
-    assert not any(call[0] == "deploy" for call in CALLS)
+    assert ("deploy", ("raylm-orch-big",)) not in CALLS
     assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
 
 

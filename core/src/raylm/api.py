@@ -106,12 +106,11 @@ def serve(
         check_port_free(plan.host, plan.port)
     owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
     engines = _resolve_engines(plan, registry)
-    # The engines' checks run while the cluster starts: neither needs the other.
+    # The engines' checks run while the cluster starts and the router deploys: they need neither.
     checks = _check_engines(engines, progress)
     try:
         cluster = backend.up(progress)
-        _checked(engines, checks, progress)
-    except BaseException:  # a bad engine argument, or Ctrl-C while the head starts: stop what was started
+    except BaseException:  # e.g. Ctrl-C while the head starts: stop what was started
         if owns_cluster:
             backend.down(progress)
         raise
@@ -134,8 +133,10 @@ def serve(
     try:
         running = apps(cluster.address, backend.client_environment())
         try:
+            running.deploy_router(plan, host, progress)
+            _checked(engines, checks, progress)
             _check_capacity(engines, running.nodes(), backend, progress)
-            running.deploy(plan, engines, host, progress)
+            running.deploy_models(plan, engines, progress)
             labels = dict(zip(record.apps, ["router", *record.models]))
             running.wait_running(labels, progress, ready_timeout_s)
         finally:

@@ -10,6 +10,7 @@ class MyEngine(raylm.ServerEngine):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -23,9 +24,24 @@ from raylm.errors import ConfigError
 from raylm.net import free_port, http_ok
 from raylm.processes import supervised
 from raylm.server_process import ServerProcess
+from raylm.state import Records
 
 START_TIMEOUT_S = float(os.environ.get("RAYLM_ENGINE_START_TIMEOUT", "1800"))
 CHECK_TIMEOUT_S = 300
+CHECKS = Records("checks")  # checks that passed, by what their answer depends on
+# Prints what a check's answer depends on in an environment, in ~0.1 s: the versions of the named
+# distributions, and when the check module was last changed (editable installs keep their version).
+CHECK_PROBE = """
+import importlib.metadata as metadata, importlib.util, json, os, sys
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+spec = importlib.util.find_spec(sys.argv[1])
+changed = os.stat(spec.origin).st_mtime if spec and spec.origin else None
+print(json.dumps({"versions": {name: version(name) for name in sys.argv[2:]}, "check_module_changed": changed}))
+"""
 
 
 class ServerEngine(Engine):
@@ -43,6 +59,8 @@ class ServerEngine(Engine):
     model_option: ClassVar[str]
     # Options raylm sets itself, and what the user should use instead.
     reserved_options: ClassVar[Mapping[str, str]] = {}
+    # Distributions whose versions the check's answer depends on (the plugin's and the engine's).
+    check_depends_on: ClassVar[tuple[str, ...]] = ()
     health_path: ClassVar[str] = "/health"
 
     checked: dict[str, Any] | None = None
@@ -90,6 +108,39 @@ class ServerEngine(Engine):
         return ReplicaResources(num_cpus=1, num_gpus=gpus)
 
     def validate(self) -> None:
+        """Check the arguments with the engine's own parser; a check that passed is remembered, so the same
+        arguments on the same installation pass again at once (the check is mostly the engine's imports)."""
+        key = self._check_key()
+        self.checked = CHECKS.load(key) if key else None
+        if self.checked is None:
+            self.checked = self._run_check()
+            if key:
+                CHECKS.save(key, self.checked)
+
+    def _check_key(self) -> str | None:
+        """What the check's answer depends on: the interpreter, the versions of the distributions the check
+        reads, the check module itself, the arguments; None where the interpreter does not answer."""
+        probe = [self.python, "-c", CHECK_PROBE, self.check_module, "raylm", *self.check_depends_on]
+        try:
+            found = subprocess.run(
+                probe, capture_output=True, text=True, timeout=60, env={**os.environ, **self.deployment.env}
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if found.returncode != 0:
+            return None
+        model = self.deployment
+        facts = [
+            self.python,
+            self.check_module,
+            found.stdout,
+            model.model,
+            model.engine_args,
+            sorted(model.env.items()),
+        ]
+        return hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:32]
+
+    def _run_check(self) -> dict[str, Any]:
         command = [self.python, "-m", self.check_module, self.deployment.model, *self.deployment.engine_args]
         env = {**os.environ, **self.deployment.env}
         try:
@@ -105,7 +156,7 @@ class ServerEngine(Engine):
             raise ConfigError(f"model {self.deployment.name!r}: Python interpreter {self.python} not found") from None
         if result.returncode != 0:
             raise ConfigError(f"model {self.deployment.name!r}: {self._complaint(result.stderr)}")
-        self.checked = json.loads(result.stdout.strip().splitlines()[-1])
+        return json.loads(result.stdout.strip().splitlines()[-1])
 
     def _complaint(self, stderr: str) -> str:
         """What the check said: raylm's line about the environment, the engine's parser's error line,

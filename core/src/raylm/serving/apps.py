@@ -60,20 +60,28 @@ class RayServeApps:
         statuses = _serve().status().applications
         return [app for app in apps if app in statuses]
 
-    def deploy(self, plan: ServePlan, engines: Sequence[Engine], host: str, progress: Progress) -> None:
-        """Start the router app and one app per model, without waiting for them."""
-        from raylm.serving.replicas import HEAD_NODE_RESOURCE, ModelReplica, RouterReplica
+    def deploy_router(self, plan: ServePlan, host: str, progress: Progress) -> None:
+        """Start Serve and the deployment's router app, without waiting for it."""
+        from raylm.serving.replicas import HEAD_NODE_RESOURCE, RouterReplica
 
         serve = _serve()
         serve.start(proxy_location="Disabled")
-        router_app = app_name(plan.name, "router")
         router = serve.deployment(
             RouterReplica,
             ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
             health_check_period_s=5,
             max_constructor_retry_count=1,
         ).bind(host, plan.port, [m.name for m in plan.models])
-        targets = [serve.RunTarget(target=router, name=router_app, route_prefix=None)]
+        progress(f"deploying the router on {host}:{plan.port}")
+        serve.run_many([serve.RunTarget(target=router, name=app_name(plan.name, "router"), route_prefix=None)],
+                       wait_for_applications_running=False)  # fmt: skip
+
+    def deploy_models(self, plan: ServePlan, engines: Sequence[Engine], progress: Progress) -> None:
+        """Start one app per model, without waiting for them; their replicas register with the router."""
+        from raylm.serving.replicas import ModelReplica
+
+        serve = _serve()
+        targets = []
         for engine in engines:
             model, resources = engine.deployment, engine.resources()
             # The marker reaches every process an engine starts: `stop` looks for what is left by it.
@@ -96,9 +104,9 @@ class RayServeApps:
                 graceful_shutdown_timeout_s=30,
                 # A replica that fails to start fails the deployment at once, with its error; no slow retries.
                 max_constructor_retry_count=model.replicas,
-            ).bind(model, type(engine), router_app)
+            ).bind(model, type(engine), app_name(plan.name, "router"))
             targets.append(serve.RunTarget(target=replica, name=app_name(plan.name, model.name), route_prefix=None))
-        progress(f"deploying the router on {host}:{plan.port} and {len(engines)} model(s)")
+        progress(f"deploying {len(engines)} model(s)")
         serve.run_many(targets, wait_for_applications_running=False)
 
     def wait_running(self, labels: Mapping[str, str], progress: Progress, timeout_s: float) -> None:

@@ -13,6 +13,7 @@ class SGLangEngine(ServerEngine):
     display_name = "SGLang"
     check_module = "raylm_sglang.validate"
     server_module = "sglang.launch_server"
+    check_depends_on = ("raylm-sglang", "sglang")
     model_option = "--model-path"
     reserved_options = {
         "--model-path": "the MODEL argument",

