@@ -1,19 +1,22 @@
 """raylm against each engine's own server, layer by layer, side by side in one run.
 
     .venv/bin/python bench/run.py [--engines vllm,sglang] [--rounds 3] [--repeats 2] [--concurrency 1,16,64]
+                                  [--model tiny-llama|smollm2-135m-instruct] [--scale 1.0]
 
-Layers, each loaded while nothing else serves:
+Layers:
 - `engine`: the engine's own OpenAI server, started as a user starts it from a shell;
 - `router+engine`: raylm's router (`python -m raylm.serving.router`) in front of that same server;
 - `engine-in-ray`: the engine server a raylm deployment started in a Ray Serve replica, hit on its
   own port;
 - `raylm`: that deployment through its endpoint, end to end.
-Every layer is loaded by two load generators in turn, `loadgen` (bench/loadgen.py, raw asyncio)
-and `aiohttp` (an ordinary client), with streaming completions of 32 tokens at each concurrency.
-Each round cold-starts the engine alone, then raylm (the order alternates by round). The tables
-give medians with [min-max] over every load run, the ratio raylm/engine, and the targets: raylm
->= 0.97x req/s at c=16 and c=64 and c=1 TTFT p50 within +2 ms, for both load generators; cold
-start within +15 s.
+Each round cold-starts the engine alone (with the router in front), then raylm (the order of the
+two alternates by round); only one of them runs at a time. The two layers of each are loaded in
+turn, who goes first alternating. Every layer is loaded by two load generators, `loadgen`
+(bench/loadgen.py, raw asyncio) and `aiohttp` (an ordinary client), with streaming completions of
+32 tokens at each concurrency (`--scale` shrinks the requests per load run, for a slower model).
+The tables give medians with [min-max] over every load run, the ratio raylm/engine, and the
+targets: raylm >= 0.97x req/s at c=16 and c=64 and c=1 TTFT p50 within +2 ms, for both load
+generators; cold start within +15 s.
 """
 
 from __future__ import annotations
@@ -44,9 +47,10 @@ from servers import (  # noqa: E402
     warm_up,
 )
 
-from raylm.testing.models import build_tiny_llama  # noqa: E402
+from raylm.testing.models import build_smollm2, build_tiny_llama  # noqa: E402
 
 LAYERS = ("engine", "router+engine", "engine-in-ray", "raylm")
+MODELS = {"tiny-llama": build_tiny_llama, "smollm2-135m-instruct": build_smollm2}
 
 
 def router_in_front(engine_url: str, port: int) -> list[str]:
@@ -61,27 +65,32 @@ def router_in_front(engine_url: str, port: int) -> list[str]:
     ]
 
 
-async def engine_layers(engine, model, concurrencies, repeats, results, cold_starts) -> None:
+async def alternately(layers: list[tuple[tuple[str, str], str]], concurrencies, repeats, results, scale) -> None:
+    """Load two layers of one server in turn, swapping who goes first each time: an engine's own speed
+    drifts over its life, and measuring one layer after the other would put that drift between them."""
+    for url in dict.fromkeys(url for _, url in layers):
+        await warm_up(url)
+    for repeat in range(repeats):
+        for name, url in layers if repeat % 2 == 0 else reversed(layers):
+            await load(name, url, concurrencies, 1, results, scale=scale)
+
+
+async def engine_layers(engine, model, concurrencies, repeats, results, cold_starts, scale) -> None:
     setup = ENGINES[engine]
     async with serving(engine, partial(setup.own_server, model), setup.env, signal.SIGTERM) as (url, cold_start):
         cold_starts.setdefault((engine, "engine"), []).append(cold_start)
-        await warm_up(url)
-        await load((engine, "engine"), url, concurrencies, repeats, results)
         async with serving("router", partial(router_in_front, url), {}, signal.SIGTERM) as (router_url, _):
-            await warm_up(router_url)
-            await load((engine, "router+engine"), router_url, concurrencies, repeats, results)
+            layers = [((engine, "engine"), url), ((engine, "router+engine"), router_url)]
+            await alternately(layers, concurrencies, repeats, results, scale)
 
 
-async def raylm_layers(engine, model, concurrencies, repeats, results, cold_starts, home) -> None:
+async def raylm_layers(engine, model, concurrencies, repeats, results, cold_starts, home, scale) -> None:
     setup = ENGINES[engine]
     command = partial(setup.through_raylm, engine, model)
     async with serving(f"raylm+{engine}", command, {"RAYLM_HOME": home}, signal.SIGINT) as (url, cold_start):
         cold_starts.setdefault((engine, "raylm"), []).append(cold_start)
-        direct = engine_url(MODEL_NAME)
-        await warm_up(direct)
-        await load((engine, "engine-in-ray"), direct, concurrencies, repeats, results)
-        await warm_up(url)
-        await load((engine, "raylm"), url, concurrencies, repeats, results)
+        layers = [((engine, "engine-in-ray"), engine_url(MODEL_NAME)), ((engine, "raylm"), url)]
+        await alternately(layers, concurrencies, repeats, results, scale)
 
 
 def cell(values: list[float]) -> str:
@@ -115,6 +124,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2, help="load runs per layer, generator and concurrency")
     parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--model", default="tiny-llama", choices=sorted(MODELS), help="the model served")
+    parser.add_argument("--scale", type=float, default=1.0, help="requests per load run, as a share of the default")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
@@ -122,7 +133,7 @@ def main() -> None:
         sys.exit("no SGLang environment: run scripts/sglang-env, or pass --engines vllm")
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     os.environ["HF_HUB_OFFLINE"] = "1"
-    model = build_tiny_llama(REPO / ".cache" / "models" / "tiny-llama")
+    model = MODELS[args.model](REPO / ".cache" / "models" / args.model)
     home = tempfile.mkdtemp(prefix="raylm-bench-")
     results: dict = {}
     cold_starts: dict = {}
@@ -130,16 +141,18 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
         for engine in engines:
             groups = [
-                partial(engine_layers, engine, model, concurrencies, args.repeats, results, cold_starts),
-                partial(raylm_layers, engine, model, concurrencies, args.repeats, results, cold_starts, home),
+                partial(engine_layers, engine, model, concurrencies, args.repeats, results, cold_starts, args.scale),
+                partial(
+                    raylm_layers, engine, model, concurrencies, args.repeats, results, cold_starts, home, args.scale
+                ),
             ]
             # Alternate who goes first: the first server of a round starts with colder caches.
             for group in groups if round_index % 2 == 0 else reversed(groups):
                 asyncio.run(group())
     print(f"\nmachine: {machine()}")
     print(
-        f"model: tiny Llama (2 layers, hidden 128), streaming completions of {MAX_TOKENS} tokens; {args.rounds} "
-        f"rounds x {args.repeats} load runs per layer, generator and concurrency; medians [min-max]"
+        f"model: {args.model}, streaming completions of {MAX_TOKENS} tokens; {args.rounds} rounds x {args.repeats} "
+        f"load runs per layer, generator and concurrency, layers alternated; medians [min-max]"
     )
     for engine in engines:
         report(engine, results, cold_starts, concurrencies)

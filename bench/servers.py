@@ -163,7 +163,7 @@ async def warm_up(url: str) -> None:
 
 
 async def load(
-    name: str, url: str, concurrencies: list[int], repeats: int, results: dict, generators=tuple(LOAD_GENERATORS)
+    name, url: str, concurrencies: list[int], repeats: int, results: dict, generators=tuple(LOAD_GENERATORS), scale=1.0
 ) -> None:
     """Load `url` `repeats` times at each concurrency with each generator; results[(generator, name,
     concurrency, metric)] collects req/s and TTFT p50/p99 (ms)."""
@@ -171,7 +171,11 @@ async def load(
         for generator in generators:
             for concurrency in concurrencies:
                 result = await LOAD_GENERATORS[generator](
-                    url, MODEL_NAME, concurrency=concurrency, requests=REQUESTS[concurrency], max_tokens=MAX_TOKENS
+                    url,
+                    MODEL_NAME,
+                    concurrency=concurrency,
+                    requests=max(concurrency, int(REQUESTS[concurrency] * scale)),
+                    max_tokens=MAX_TOKENS,
                 )
                 if result.errors:
                     raise RuntimeError(f"{name}: {result.errors} failed requests ({generator}, c={concurrency})")
