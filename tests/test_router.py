@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from raylm.net import free_port
-from raylm.serving import routes
+from raylm.serving import relay, routes
 from raylm.serving.router_thread import RouterThread
 
 
@@ -79,8 +79,8 @@ class FakeEngine:
 class Routing(RouterThread):
     """raylm's router thread, as a context manager listening on a free port."""
 
-    def __init__(self, expected_models):
-        super().__init__(expected_models)
+    def __init__(self, expected_models, **router_options):
+        super().__init__(expected_models, **router_options)
         self.port = free_port()
 
     @property
@@ -301,3 +301,52 @@ def test_connections_idle_too_long_are_not_reused(router, engines, monkeypatch):
             assert client.post(f"{router.url}/v1/completions", json={"model": "beta"}).status_code == 200
     ports = [request["client_port"] for request in engines["b1"].requests]
     assert ports[0] == ports[1] != ports[2], "reused while fresh, replaced once idle too long"
+
+
+# What one client may cost the router is bounded.
+
+
+def raw_exchange(router, data, wait_s=5.0):
+    """Send raw bytes (if any) on one connection; what the router sends back until it closes (or `wait_s`)."""
+    with socket.create_connection(("127.0.0.1", router.port)) as connection:
+        connection.settimeout(wait_s)
+        if data:
+            connection.sendall(data)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except TimeoutError:
+            return received, False
+        return received, True
+
+
+def test_headers_over_the_limit_get_a_431_and_the_connection_closes(router):
+    huge = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-padding: " + b"a" * (200 * 1024) + b"\r\n\r\n"
+    received, closed = raw_exchange(router, huge)
+    assert received.startswith(b"HTTP/1.1 431 ") and closed
+    assert b"over 65536 bytes" in received
+
+
+def test_half_a_request_is_timed_out_with_a_408(router, monkeypatch):
+    monkeypatch.setattr(relay, "REQUEST_TIMEOUT_S", 0.5)
+    received, closed = raw_exchange(router, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+    assert received.startswith(b"HTTP/1.1 408 ") and closed
+
+
+def test_an_idle_kept_alive_connection_is_closed(router, monkeypatch):
+    monkeypatch.setattr(relay, "IDLE_TIMEOUT_S", 0.5)
+    received, closed = raw_exchange(router, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 200 ") and closed, "answered, then closed once idle"
+
+
+def test_connections_past_the_cap_get_a_503(engines):
+    with Routing(["alpha"], max_connections=2) as router:
+        held = [socket.create_connection(("127.0.0.1", router.port)) for _ in range(2)]
+        try:
+            received, closed = raw_exchange(router, None)  # answered at once, before any request
+        finally:
+            for connection in held:
+                connection.close()
+        assert received.startswith(b"HTTP/1.1 503 ") and closed
+        assert httpx.get(f"{router.url}/health").status_code == 200, "a connection is accepted again once one closes"

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from raylm.serving.router import Router
     from raylm.serving.routes import Lease, Upstream
 
+MAX_HEAD_BYTES = 64 * 1024
+REQUEST_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 60.0
+
 
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive connection to an engine server; relays one response at a time to a client."""
@@ -119,7 +123,13 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client connection; requests are handled one after another (no pipelining)."""
+    """One client connection; requests are handled one after another (no pipelining).
+
+    What a client may cost is bounded: a request line and headers of at most `MAX_HEAD_BYTES`
+    (431 past it), a whole request within `REQUEST_TIMEOUT_S` of its first byte (408 after it:
+    a client that sends half a request does not hold the connection), and `IDLE_TIMEOUT_S` without
+    a request on a kept-alive connection before it is closed.
+    """
 
     def __init__(self, router: Router):
         self.router = router
@@ -127,13 +137,20 @@ class ClientConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
         self.body = bytearray()
         self.upstream_connection: UpstreamConnection | None = None
         self.keep_alive = True
+        self.timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.router.connections.add(self)
+        if len(self.router.connections) > self.router.max_connections:
+            self.reply(503, error_body(503, "the endpoint has too many connections; retry shortly"), close=True)
+            return
+        self.time_out_in(IDLE_TIMEOUT_S, None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -141,10 +158,13 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self.reply(400, error_body(400, "protocol upgrades are not supported"), close=True)
         except httptools.HttpParserError:
-            self.reply(400, error_body(400, "malformed HTTP request"), close=True)
+            if self.transport is not None and not self.transport.is_closing():
+                self.reply(400, error_body(400, "malformed HTTP request"), close=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.router.connections.discard(self)
+        self.time_out_in(None, None)
         connection, self.upstream_connection = self.upstream_connection, None
         if connection is not None:
             # The client went away mid-response: closing the upstream makes the engine abort the request.
@@ -160,17 +180,46 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream_connection is not None:
             self.upstream_connection.transport.resume_reading()
 
+    def time_out_in(self, seconds: float | None, answer: tuple[int, str] | None) -> None:
+        """(Re)arm the connection's one timer: after `seconds`, close it, answering `answer` first (None:
+        just close); `seconds` None disarms it."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if seconds is not None and self.transport is not None:
+            self.timer = asyncio.get_running_loop().call_later(seconds, self.timed_out, answer)
+
+    def timed_out(self, answer: tuple[int, str] | None) -> None:
+        self.timer = None
+        if answer is None:
+            if self.transport is not None:
+                self.transport.close()
+        else:
+            status, message = answer
+            self.reply(status, error_body(status, message), close=True)
+
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = []
+        self.head_bytes = 0
         self.body = bytearray()
+        self.time_out_in(REQUEST_TIMEOUT_S, (408, f"the request did not arrive whole within {REQUEST_TIMEOUT_S:g}s"))
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self.count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.count_head(len(name) + len(value) + 4)
+
+    def count_head(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEAD_BYTES:
+            message = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"
+            self.reply(431, error_body(431, message), close=True)
+            raise httptools.HttpParserError(message)  # stop parsing what is left of it
 
     def on_body(self, body: bytes) -> None:
         self.body += body
@@ -180,6 +229,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        self.time_out_in(None, None)  # the response may take as long as the engine needs
         self.keep_alive = self.parser.should_keep_alive()
         self.transport.pause_reading()
         self.router.dispatch(self, self.parser.get_method(), self.url, self.headers, bytes(self.body))
@@ -197,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if keep_alive:
             self.transport.resume_reading()
+            self.time_out_in(IDLE_TIMEOUT_S, None)
         else:
             self.transport.close()
 

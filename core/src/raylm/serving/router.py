@@ -25,15 +25,18 @@ from raylm.serving.routes import Lease, RouteTable, Upstream
 logger = logging.getLogger("raylm.router")
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+MAX_CONNECTIONS = 4096
 Handler = Callable[[ClientConnection, bytes, bytes, list, bytes], None]
 
 
 class Router:
     """Routes OpenAI requests by model to registered engine servers."""
 
-    def __init__(self, table: RouteTable, policy: RoutingPolicy | None = None):
+    def __init__(self, table: RouteTable, policy: RoutingPolicy | None = None, max_connections: int = MAX_CONNECTIONS):
         self.table = table
         self.policy = policy or LeastInFlight()
+        self.connections: set[ClientConnection] = set()
+        self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
         # A route is one entry: (method, path) -> handler(client, method, url, headers, body).

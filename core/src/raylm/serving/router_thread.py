@@ -15,9 +15,9 @@ from raylm.serving.routes import RouteTable
 class RouterThread:
     """A running router: `start` returns once it listens; `call` runs a function on its loop."""
 
-    def __init__(self, expected_models: Iterable[str] = (), expire_after_s: float | None = None):
+    def __init__(self, expected_models: Iterable[str] = (), expire_after_s: float | None = None, **router_options: Any):
         self.table = RouteTable(expected_models)
-        self.router = Router(self.table)
+        self.router = Router(self.table, **router_options)
         self.expire_after_s = expire_after_s  # forget replicas whose heartbeats stopped this long ago
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
