@@ -32,13 +32,23 @@ class FakeEngine:
         self.port = free_port()
         self.requests = []
         self.disconnected = threading.Event()
-        app = Starlette(routes=[Route("/v1/completions", self.completions, methods=["POST"])])
+        app = Starlette(
+            routes=[Route("/v1/completions", self.completions, methods=["POST"]), Route("/metrics", self.metrics)]
+        )
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
     def url(self):
         return f"http://127.0.0.1:{self.port}"
+
+    async def metrics(self, request: Request):
+        lines = [
+            "# HELP vllm:num_requests_running Requests running.",
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="{self.name}"}} {len(self.requests)}',
+        ]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     async def completions(self, request: Request):
         body = await request.json()
@@ -350,3 +360,40 @@ def test_connections_past_the_cap_get_a_503(engines):
                 connection.close()
         assert received.startswith(b"HTTP/1.1 503 ") and closed
         assert httpx.get(f"{router.url}/health").status_code == 200, "a connection is accepted again once one closes"
+
+
+def test_metrics_count_the_traffic_and_carry_the_engines_own(router, engines):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            assert client.post(f"{router.url}/v1/completions", json={"model": "alpha"}).status_code == 200
+        with client.stream("POST", f"{router.url}/v1/completions", json={"model": "beta", "stream": True}) as stream:
+            assert sum(1 for _ in stream.iter_lines()) > 0
+        assert client.post(f"{router.url}/v1/completions", json={"model": "alpha", "max_tokens": -1}).status_code == 400
+        assert client.post(f"{router.url}/v1/completions", json={"model": "nope"}).status_code == 404
+        scraped = client.get(f"{router.url}/metrics")
+    assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    route = "/v1/completions"
+    assert value("raylm_requests_total", model="alpha", route=route, status="200") == 3
+    assert value("raylm_requests_total", model="beta", route=route, status="200") == 1
+    assert value("raylm_requests_total", model="alpha", route=route, status="400") == 1
+    assert value("raylm_requests_total", model="(unknown)", route=route, status="404") == 1
+    assert value("raylm_time_to_first_byte_seconds_count", model="alpha", route=route) == 3
+    assert value("raylm_request_duration_seconds_count", model="beta", route=route) == 1
+    assert value("raylm_requests_in_flight", model="alpha") == 0
+    assert value("raylm_replicas", model="alpha") == 2
+    assert value("raylm_replica_requests_in_flight", model="alpha", replica="a1") == 0
+    # The engines' own metrics, one series per replica.
+    running = {labels: v for (name, labels), v in samples.items() if name == "vllm:num_requests_running"}
+    replicas = sorted(dict(labels)["replica"] for labels in running)
+    assert replicas == ["a1", "a2", "b1"]
+    assert all(dict(labels)["model"] in ("alpha", "beta") for labels in running)

@@ -54,10 +54,13 @@ def openai_error(status: int, body: bytes) -> dict | None:
 
 
 def http_response(status: int, payload: dict, keep_alive: bool = True) -> bytes:
-    body = json.dumps(payload).encode()
+    return raw_response(status, "application/json", json.dumps(payload).encode(), keep_alive)
+
+
+def raw_response(status: int, content_type: str, body: bytes, keep_alive: bool = True) -> bytes:
     head = (
         f"HTTP/1.1 {status} {reason(status)}\r\n"
-        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
         f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n"
     )
     return head.encode() + body

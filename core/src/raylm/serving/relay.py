@@ -9,12 +9,13 @@ body can be put in OpenAI's shape.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING
 
 import httptools
 
-from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error
+from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error, raw_response
 
 if TYPE_CHECKING:
     from raylm.serving.router import Router
@@ -41,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.request = b""  # the request in flight, kept to resend it if the engine closes before answering
         self.reused = False  # whether the request in flight went out on a connection that had been idle
         self.idle_since = 0.0
+        self.first_byte_at: float | None = None
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -51,7 +53,9 @@ class UpstreamConnection(asyncio.Protocol):
         if client is None:  # bytes nobody asked for: the connection is no longer usable
             self.transport.close()
             return
-        self.response_started = True
+        if not self.response_started:
+            self.response_started = True
+            self.first_byte_at = time.monotonic()
         if self.piping:
             client.transport.write(data)
         else:
@@ -87,10 +91,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         client, self.client = self.client, None
+        status = self.parser.get_status_code()
         if self.error_body is not None:
-            status = self.parser.get_status_code()
             payload = openai_error(status, bytes(self.error_body))
             client.transport.write(bytes(self.held) if payload is None else http_response(status, payload))
+        client.answered(status, self.first_byte_at)
+        self.first_byte_at = None
         keep_alive = self.parser.should_keep_alive()
         self.parser = httptools.HttpResponseParser(self)
         self.response_started = self.piping = False
@@ -142,6 +148,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_connection: UpstreamConnection | None = None
         self.keep_alive = True
         self.timer: asyncio.TimerHandle | None = None
+        # The request being answered: its model and route (for metrics), and when it had arrived whole.
+        self.model = ""
+        self.route = ""
+        self.arrived = 0.0
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -231,16 +241,32 @@ class ClientConnection(asyncio.Protocol):
             return
         self.time_out_in(None, None)  # the response may take as long as the engine needs
         self.keep_alive = self.parser.should_keep_alive()
+        self.arrived = time.monotonic()
+        self.model = self.route = ""
         self.transport.pause_reading()
         self.router.dispatch(self, self.parser.get_method(), self.url, self.headers, bytes(self.body))
 
     # outcomes
     def reply(self, status: int, payload: dict, close: bool = False) -> None:
+        self.reply_raw(status, "application/json", json.dumps(payload).encode(), close)
+
+    def reply_raw(self, status: int, content_type: str, body: bytes, close: bool = False) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         keep_alive = self.keep_alive and not close
-        self.transport.write(http_response(status, payload, keep_alive))
+        self.transport.write(raw_response(status, content_type, body, keep_alive))
+        if self.route:
+            self.answered(status, None)
         self.finish(keep_alive)
+
+    def answered(self, status: int, first_byte_at: float | None) -> None:
+        """Count the answer to a model request (once: the request's route is forgotten)."""
+        metrics, route = self.router.metrics, self.route
+        self.route = ""
+        if metrics is not None and route:
+            now = time.monotonic()
+            first_byte = None if first_byte_at is None else first_byte_at - self.arrived
+            metrics.answered(self.model, route, status, first_byte, now - self.arrived)
 
     def finish(self, keep_alive: bool) -> None:
         if self.transport is None:
@@ -267,6 +293,8 @@ class ClientConnection(asyncio.Protocol):
         elif connection.reused and self.transport is not None:
             # The engine closed an idle connection as our request crossed it: it never saw the request.
             # Resent on a new connection; if that cannot connect, the engine is gone: another replica.
+            if self.router.metrics is not None:
+                self.router.metrics.resends.labels(connection.upstream.model).inc()
             self.router.forward(self, connection.upstream, connection.request, retries=1, reuse=False)
         else:
             self.reply(

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 from raylm.serving.http import error_body, forwarded_request
+from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
 from raylm.serving.policy import LeastInFlight, RoutingPolicy
 from raylm.serving.relay import ClientConnection, UpstreamConnection
 from raylm.serving.routes import Lease, RouteTable, Upstream
@@ -32,9 +33,16 @@ Handler = Callable[[ClientConnection, bytes, bytes, list, bytes], None]
 class Router:
     """Routes OpenAI requests by model to registered engine servers."""
 
-    def __init__(self, table: RouteTable, policy: RoutingPolicy | None = None, max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self,
+        table: RouteTable,
+        policy: RoutingPolicy | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        metrics: bool = True,
+    ):
         self.table = table
         self.policy = policy or LeastInFlight()
+        self.metrics = RouterMetrics(table) if metrics else None
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -45,6 +53,7 @@ class Router:
             self.routes[(method, "/health")] = lambda client, *_: client.reply(200, {"status": "ok"})
             self.routes[(method, "/ready")] = self.ready
             self.routes[(method, "/v1/models")] = lambda client, *_: client.reply(200, self.table.models_payload())
+            self.routes[(method, "/metrics")] = lambda client, *_: self.loop.create_task(self.serve_metrics(client))
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -67,6 +76,13 @@ class Router:
             self.model_card(client, path.removeprefix("/v1/models/"))
         else:
             client.reply(404, error_body(404, f"no route {method.decode()} {path}", code="unknown_route"))
+
+    async def serve_metrics(self, client: ClientConnection) -> None:
+        if self.metrics is None:
+            client.reply(404, error_body(404, "metrics are off", code="unknown_route"))
+            return
+        upstreams = [u for model in self.table.model_names() for u in self.table.replicas(model)]
+        client.reply_raw(200, CONTENT_TYPE, self.metrics.render(await engine_metrics(upstreams)))
 
     def ready(self, client: ClientConnection, *_) -> None:
         pending = self.table.pending_models()
@@ -95,6 +111,9 @@ class Router:
             client.reply(400, error_body(400, f"the request body is not valid JSON: {exc}"))
             return
         model = payload.get("model") if isinstance(payload, dict) else None
+        # Metrics count by served model names only: a client cannot make up label values.
+        known = isinstance(model, str) and (model in self.table.expected_models or bool(self.table.replicas(model)))
+        client.route, client.model = url.split(b"?", 1)[0].decode("latin-1"), model if known else "(unknown)"
         if not isinstance(model, str) or not model:
             client.reply(400, error_body(400, "the request needs a `model` field naming a served model", param="model"))
             return
@@ -139,6 +158,8 @@ class Router:
             )
         except OSError as exc:
             lease.release()
+            if self.metrics is not None:
+                self.metrics.connect_failures.labels(upstream.model).inc()
             logger.warning(
                 "model %s: replica %s at %s unreachable (%s); removed",
                 upstream.model,
