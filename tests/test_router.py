@@ -7,6 +7,7 @@ clients that hang up.)
 
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from raylm.net import free_port
-from raylm.serving import relay, routes
+from raylm.serving import keys, relay, routes
 from raylm.serving.router_thread import RouterThread
 
 
@@ -397,3 +398,55 @@ def test_metrics_count_the_traffic_and_carry_the_engines_own(router, engines):
     replicas = sorted(dict(labels)["replica"] for labels in running)
     assert replicas == ["a1", "a2", "b1"]
     assert all(dict(labels)["model"] in ("alpha", "beta") for labels in running)
+
+
+# Keys: the endpoint's, and each engine's own.
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("first-key\n")
+    return path
+
+
+@pytest.fixture
+def locked(engines, key_file, monkeypatch):
+    monkeypatch.setattr(keys, "RELOAD_CHECK_S", 0.0)
+    with Routing(["alpha", "beta"], keys=keys.KeyFile(key_file)) as router:
+        router.call(router.table.register, "alpha", engines["a1"].url, "a1", None, "a1-engine-key")
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None, None)
+        yield router
+
+
+def test_with_keys_every_model_route_needs_one(locked):
+    bearer = {"authorization": "Bearer first-key"}
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "first-key"}):
+        refused = httpx.post(f"{locked.url}/v1/completions", json={"model": "alpha"}, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{locked.url}/v1/models").status_code == 401
+    assert httpx.get(f"{locked.url}/metrics").status_code == 401
+    assert httpx.post(f"{locked.url}/v1/completions", json={"model": "alpha"}, headers=bearer).status_code == 200
+    assert httpx.get(f"{locked.url}/metrics", headers=bearer).status_code == 200
+    assert httpx.get(f"{locked.url}/health").status_code == 200, "probes need no key"
+    assert httpx.get(f"{locked.url}/ready").status_code == 200
+
+
+def test_keys_rotate_by_editing_the_file(locked, key_file):
+    def status(key):
+        return httpx.get(f"{locked.url}/v1/models", headers={"authorization": f"Bearer {key}"}).status_code
+
+    key_file.write_text("first-key\nsecond-key\n")
+    assert (status("first-key"), status("second-key")) == (200, 200), "both valid while rotating"
+    time.sleep(0.01)
+    key_file.write_text("second-key\n")
+    os.utime(key_file, (time.time() + 1, time.time() + 1))  # a new modification time even within one tick
+    assert (status("first-key"), status("second-key")) == (401, 200)
+
+
+def test_an_engine_gets_its_own_key_never_the_clients(locked, engines):
+    bearer = {"authorization": "Bearer first-key"}
+    assert httpx.post(f"{locked.url}/v1/completions", json={"model": "alpha"}, headers=bearer).status_code == 200
+    assert httpx.post(f"{locked.url}/v1/completions", json={"model": "beta"}, headers=bearer).status_code == 200
+    assert engines["a1"].requests[-1]["headers"]["authorization"] == "Bearer a1-engine-key"
+    assert "authorization" not in engines["b1"].requests[-1]["headers"], "the endpoint's key is never passed on"

@@ -18,6 +18,7 @@ HOP_BY_HOP = {
     b"expect",
     b"content-length",
 }
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization"}
 
 
 def reason(status: int) -> str:
@@ -66,9 +67,18 @@ def raw_response(status: int, content_type: str, body: bytes, keep_alive: bool =
     return head.encode() + body
 
 
-def forwarded_request(method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """The request as the router sends it on: the client's headers but its own framing."""
+def forwarded_request(
+    method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], body: bytes, api_key: str | None, own_key: bool
+) -> bytes:
+    """The request as the router sends it on to an engine: the client's headers but the router's framing.
+
+    With `api_key` (the engine's own), it is sent instead of the client's; a client's key that was the
+    endpoint's (`own_key`) is never passed on; otherwise the client's `authorization` goes through.
+    """
+    drop = NOT_FORWARDED if api_key is not None or own_key else HOP_BY_HOP
     head = [method + b" " + url + b" HTTP/1.1\r\n"]
-    head += [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in HOP_BY_HOP]
+    head += [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]
+    if api_key is not None:
+        head.append(b"authorization: Bearer " + api_key.encode() + b"\r\n")
     head.append(b"content-length: %d\r\n\r\n" % len(body))
     return b"".join(head) + body

@@ -51,6 +51,10 @@ class RouterMetrics:
             "raylm_upstream_resends", "Requests resent because an engine closed an idle connection as they crossed it",
             ["model"], registry=self.registry,
         )  # fmt: skip
+        self.unauthorized = Counter(
+            "raylm_unauthorized_requests", "Requests refused for a missing or wrong API key (401)",
+            registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_InFlight(table))
 
     def answered(self, model: str, route: str, status: int, first_byte_s: float | None, total_s: float) -> None:

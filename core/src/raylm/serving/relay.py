@@ -18,7 +18,7 @@ import httptools
 from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error, raw_response
 
 if TYPE_CHECKING:
-    from raylm.serving.router import Router
+    from raylm.serving.router import Request, Router
     from raylm.serving.routes import Lease, Upstream
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -39,7 +39,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.piping = False  # headers seen, status < 400: bytes go straight to the client
         self.held = bytearray()  # raw bytes held until the status is known, or of a whole error response
         self.error_body: bytearray | None = None
-        self.request = b""  # the request in flight, kept to resend it if the engine closes before answering
+        self.request: Request | None = None  # the request in flight, kept to resend it if the engine closes early
         self.reused = False  # whether the request in flight went out on a connection that had been idle
         self.idle_since = 0.0
         self.first_byte_at: float | None = None
@@ -102,7 +102,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = self.piping = False
         self.held.clear()
         self.error_body = None
-        self.request = b""
+        self.request = None
         self.finish_lease()
         if keep_alive:
             self.park()
@@ -119,13 +119,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = time.monotonic()
         self.upstream.idle.append(self)
 
-    def send(self, client: ClientConnection, request: bytes, lease: Lease, reused: bool) -> None:
+    def send(self, client: ClientConnection, wire: bytes, lease: Lease, reused: bool, request: Request) -> None:
         self.client = client
         self.lease = lease
         self.request = request
         self.reused = reused
         client.upstream_connection = self
-        self.transport.write(request)
+        self.transport.write(wire)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -295,7 +295,8 @@ class ClientConnection(asyncio.Protocol):
             # Resent on a new connection; if that cannot connect, the engine is gone: another replica.
             if self.router.metrics is not None:
                 self.router.metrics.resends.labels(connection.upstream.model).inc()
-            self.router.forward(self, connection.upstream, connection.request, retries=1, reuse=False)
+            connection.upstream.close_idle()  # its other idle connections are as old: none is reused for this
+            self.router.forward(self, connection.upstream, connection.request, retries=1)
         else:
             self.reply(
                 502, error_body(502, f"the engine serving model {connection.upstream.model!r} closed the connection")

@@ -16,8 +16,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from raylm.serving.http import error_body, forwarded_request
+from raylm.serving.keys import KeyFile
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
 from raylm.serving.policy import LeastInFlight, RoutingPolicy
 from raylm.serving.relay import ClientConnection, UpstreamConnection
@@ -27,6 +29,10 @@ logger = logging.getLogger("raylm.router")
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 MAX_CONNECTIONS = 4096
+UNAUTHORIZED = error_body(
+    401, "Incorrect API key provided: send one of the endpoint's keys as `Authorization: Bearer KEY`.",
+    code="invalid_api_key",
+)  # fmt: skip
 Handler = Callable[[ClientConnection, bytes, bytes, list, bytes], None]
 
 
@@ -39,10 +45,12 @@ class Router:
         policy: RoutingPolicy | None = None,
         max_connections: int = MAX_CONNECTIONS,
         metrics: bool = True,
+        keys: KeyFile | None = None,
     ):
         self.table = table
         self.policy = policy or LeastInFlight()
         self.metrics = RouterMetrics(table) if metrics else None
+        self.keys = keys  # with keys, every /v1 route and /metrics need one of them
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -67,6 +75,13 @@ class Router:
 
     def dispatch(self, client: ClientConnection, method: bytes, url: bytes, headers: list, body: bytes) -> None:
         path = url.split(b"?", 1)[0].decode("latin-1").rstrip("/") or "/"
+        if self.keys is not None and (path.startswith("/v1/") or path == "/metrics"):
+            authorization = next((value for name, value in headers if name.lower() == b"authorization"), None)
+            if not self.keys.allows(authorization):
+                if self.metrics is not None:
+                    self.metrics.unauthorized.inc()
+                client.reply(401, UNAUTHORIZED)
+                return
         handler = self.routes.get((method, path))
         if handler is not None:
             handler(client, method, url, headers, body)
@@ -124,33 +139,24 @@ class Router:
             else:
                 client.reply(404, self.unknown_model(model))
             return
-        self.forward(client, upstream, forwarded_request(method, url, headers, body), retries=1, payload=payload)
+        self.forward(client, upstream, Request(method, url, headers, body, payload, self.keys is not None), retries=1)
 
     def pick(self, model: str, request: dict) -> Upstream | None:
         replicas = self.table.replicas(model)
         return self.policy.choose(replicas, request) if replicas else None
 
-    def forward(
-        self,
-        client: ClientConnection,
-        upstream: Upstream,
-        request: bytes,
-        retries: int,
-        reuse: bool = True,
-        payload: dict | None = None,
-    ) -> None:
-        """Send `request` (as it goes on the wire) to `upstream`; with `retries` left, to another replica of
-        the model if `upstream` cannot be reached. `payload` (the parsed body) is what the policy picks by."""
+    def forward(self, client: ClientConnection, upstream: Upstream, request: Request, retries: int) -> None:
+        """Send `request` to `upstream`; with `retries` left, to another replica of the model if `upstream`
+        cannot be reached."""
         lease = Lease(upstream)
-        connection = upstream.take_idle() if reuse else None
+        wire = request.to(upstream)
+        connection = upstream.take_idle()
         if connection is not None:
-            connection.send(client, request, lease, reused=True)
+            connection.send(client, wire, lease, reused=True, request=request)
         else:
-            self.loop.create_task(self._connect_and_send(client, lease, request, retries, payload or {}))
+            self.loop.create_task(self._connect_and_send(client, lease, request, retries))
 
-    async def _connect_and_send(
-        self, client: ClientConnection, lease: Lease, request: bytes, retries: int, payload: dict
-    ) -> None:
+    async def _connect_and_send(self, client: ClientConnection, lease: Lease, request: Request, retries: int) -> None:
         upstream = lease.upstream
         try:
             _, connection = await self.loop.create_connection(
@@ -160,17 +166,12 @@ class Router:
             lease.release()
             if self.metrics is not None:
                 self.metrics.connect_failures.labels(upstream.model).inc()
-            logger.warning(
-                "model %s: replica %s at %s unreachable (%s); removed",
-                upstream.model,
-                upstream.replica_id,
-                upstream.url,
-                exc,
-            )
+            logger.warning("model %s: replica %s at %s unreachable (%s); removed", upstream.model, upstream.replica_id,
+                           upstream.url, exc)  # fmt: skip
             self.table.deregister(upstream.replica_id)
-            other = self.pick(upstream.model, payload)
+            other = self.pick(upstream.model, request.payload)
             if other is not None and retries > 0:
-                self.forward(client, other, request, retries - 1, payload=payload)
+                self.forward(client, other, request, retries - 1)
             else:
                 client.reply(
                     503,
@@ -181,7 +182,23 @@ class Router:
             lease.release()
             connection.park()
             return
-        connection.send(client, request, lease, reused=False)
+        connection.send(client, request.to(upstream), lease, reused=False, request=request)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A model request as it arrived, and its parsed body (what the routing policy picks by)."""
+
+    method: bytes
+    url: bytes
+    headers: list
+    body: bytes
+    payload: dict
+    endpoint_key: bool  # its `authorization` was the endpoint's key: never passed on
+
+    def to(self, upstream: Upstream) -> bytes:
+        """The bytes sent to this replica's engine (with its key)."""
+        return forwarded_request(self.method, self.url, self.headers, self.body, upstream.api_key, self.endpoint_key)
 
 
 def parse_upstream(text: str) -> tuple[str, str]:

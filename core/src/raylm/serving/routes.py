@@ -28,6 +28,7 @@ class Upstream:
     host: str
     port: int
     replica_id: str
+    api_key: str | None = None  # the key its engine server requires (each replica has its own)
     in_flight: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     idle: list[UpstreamConnection] = field(default_factory=list)
@@ -73,19 +74,21 @@ class RouteTable:
         self.upstreams: dict[str, list[Upstream]] = {}
         self.cards: dict[str, dict] = {}
 
-    def register(self, model: str, url: str, replica_id: str, card: dict | None = None) -> None:
+    def register(
+        self, model: str, url: str, replica_id: str, card: dict | None = None, api_key: str | None = None
+    ) -> None:
         """Add a replica, or refresh it (replicas re-register as a heartbeat)."""
         parts = urlsplit(url)
         replicas = self.upstreams.setdefault(model, [])
         for upstream in replicas:
             if upstream.replica_id == replica_id:
                 upstream.last_seen = time.monotonic()
-                if (upstream.host, upstream.port) == (parts.hostname, parts.port):
+                if (upstream.host, upstream.port, upstream.api_key) == (parts.hostname, parts.port, api_key):
                     break
                 replicas.remove(upstream)
                 upstream.close_idle()
         else:
-            replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id))
+            replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id, api_key))
             logger.info("model %s: replica %s at %s", model, replica_id, url)
         if card:
             self.cards[model] = card
