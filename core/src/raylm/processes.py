@@ -10,8 +10,10 @@ import ctypes
 import os
 import signal
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -47,6 +49,8 @@ def end_processes(
 ) -> list[psutil.Process]:
     """SIGTERM every process (only `leader`, when given: it stops the others itself), wait up to
     `grace_s` for all, SIGKILL the rest; return the ones killed. Children of this process are reaped."""
+    import psutil  # here, not at import: `raylm plugins` loads this module and needs no psutil
+
     processes = list(processes)
     for process in [leader] if leader else processes:
         with contextlib.suppress(psutil.Error):
@@ -62,6 +66,8 @@ def end_processes(
 
 def marked_processes(key: str, value: str) -> list[psutil.Process]:
     """Live processes (readable by this user) whose environment sets `key` to `value`, this one excluded."""
+    import psutil
+
     found = []
     for process in psutil.process_iter():
         if process.pid == os.getpid():
