@@ -54,8 +54,6 @@ CHATS = {
         "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
     },
 }
-# What SGLang's OpenAI server does not support, or does not make deterministic (per-request seeds).
-SGLANG_SKIPS: set = set()
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +125,13 @@ ENGINE_MODELS = {"vllm": "smollm2", "sglang": "smollm2-sglang"}
 @pytest.mark.parametrize("kind, case", CASES, ids=[f"{kind}: {case}" for kind, case in CASES])
 @pytest.mark.parametrize("engine", ENGINE_MODELS)
 def test_raylm_answers_exactly_what_the_engine_answers(deployment, engine, kind, case, stream):
-    if engine == "sglang" and (kind, case) in SGLANG_SKIPS:
-        pytest.skip("SGLang has no per-request seed or echo")
     model = ENGINE_MODELS[engine]
     request = (COMPLETIONS if kind == "completions" else CHATS)[case]
     ours = answer(deployment, kind, model, request, stream)
     theirs = answer(engine_url(model), kind, model, request, stream)
+    if "seed" in request and answer(engine_url(model), kind, model, request, stream) != theirs:
+        # SGLang on CPU samples n > 1 choices differently each time, seed or not: nothing to compare with.
+        pytest.skip(f"{engine}'s own server answers this seeded request differently each time")
     if engine == "sglang" and "logprobs" in case:
         # SGLang's logprobs differ in the 6th digit between two identical requests to the same server
         # (its CPU kernels are not bit-reproducible): its text and tokens must still be exact.

@@ -74,11 +74,15 @@ def test_both_engines_answer_behind_one_endpoint(client):
         assert response.model == model and response.usage.completion_tokens == 6
 
 
+def engine_server(*needles):
+    """The command line of the one engine server matching `needles` (not of the supervisor that runs it)."""
+    (server,) = [line for line in processes_matching(*needles) if "raylm.supervise" not in line]
+    return server
+
+
 def test_the_replicas_run_in_their_engines_environments(sglang_python):
-    (server,) = processes_matching("sglang.launch_server", "--served-model-name tiny-sglang ")
-    assert sglang_python in server
-    (vllm_server,) = processes_matching("vllm.entrypoints", "--served-model-name tiny-vllm ")
-    assert sys.executable in vllm_server
+    assert sglang_python in engine_server("sglang.launch_server", "--served-model-name tiny-sglang ")
+    assert sys.executable in engine_server("vllm.entrypoints", "--served-model-name tiny-vllm ")
 
 
 def test_sglang_streams_deltas_and_counts_usage(client, endpoint):
