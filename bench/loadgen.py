@@ -45,8 +45,9 @@ def carries_token(chunk: bytes) -> bool:
 
 
 class Connection:
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, api_key: str | None = None):
         self.host, self.port = host, port
+        self.authorization = f"authorization: Bearer {api_key}\r\n" if api_key else ""
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
@@ -58,7 +59,7 @@ class Connection:
         start = time.perf_counter()
         self.writer.write(
             f"POST {path} HTTP/1.1\r\nhost: {self.host}\r\ncontent-type: application/json\r\n"
-            f"accept: text/event-stream\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            f"accept: text/event-stream\r\n{self.authorization}content-length: {len(body)}\r\n\r\n".encode()
             + body
         )
         status_line = await self.reader.readline()
@@ -104,7 +105,14 @@ def completion_request(model: str, max_tokens: int, prompt: str) -> dict:
 
 
 async def run_load(
-    url: str, model: str, *, concurrency: int, requests: int, max_tokens: int, prompt: str = "Hello world, this is"
+    url: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompt: str = "Hello world, this is",
+    api_key: str | None = None,
 ) -> LoadResult:
     """`requests` streaming completions from `concurrency` workers, each on its own keep-alive connection."""
     parts = urlsplit(url)
@@ -115,7 +123,7 @@ async def run_load(
 
     async def worker() -> None:
         nonlocal remaining, errors
-        connection = Connection(parts.hostname, parts.port)
+        connection = Connection(parts.hostname, parts.port, api_key)
         try:
             while remaining > 0:
                 remaining -= 1
@@ -124,7 +132,7 @@ async def run_load(
                 except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
                     ttft = None
                     connection.close()
-                    connection = Connection(parts.hostname, parts.port)
+                    connection = Connection(parts.hostname, parts.port, api_key)
                 if ttft is None:
                     errors += 1
                 else:
@@ -142,7 +150,14 @@ def median(values: list[float]) -> float:
 
 
 async def run_load_aiohttp(
-    url: str, model: str, *, concurrency: int, requests: int, max_tokens: int, prompt: str = "Hello world, this is"
+    url: str,
+    model: str,
+    *,
+    concurrency: int,
+    requests: int,
+    max_tokens: int,
+    prompt: str = "Hello world, this is",
+    api_key: str | None = None,
 ) -> LoadResult:
     """The same load from an ordinary client: aiohttp, one session with keep-alive connections, reading
     the stream line by line as SSE clients do. A second opinion on `run_load`'s timing."""
@@ -181,7 +196,9 @@ async def run_load_aiohttp(
                 ttfts.append(ttft)
 
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         start = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
         seconds = time.perf_counter() - start

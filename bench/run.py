@@ -40,7 +40,6 @@ from servers import (  # noqa: E402
     MODEL_NAME,
     REPO,
     SGLANG_PYTHON,
-    engine_url,
     load,
     machine,
     serving,
@@ -48,6 +47,7 @@ from servers import (  # noqa: E402
 )
 
 from raylm.testing.models import build_smollm2, build_tiny_llama  # noqa: E402
+from raylm.testing.processes import engine_behind  # noqa: E402
 
 LAYERS = ("engine", "router+engine", "engine-in-ray", "raylm")
 MODELS = {"tiny-llama": build_tiny_llama, "smollm2-135m-instruct": build_smollm2}
@@ -65,14 +65,15 @@ def router_in_front(engine_url: str, port: int) -> list[str]:
     ]
 
 
-async def alternately(layers: list[tuple[tuple[str, str], str]], concurrencies, repeats, results, scale) -> None:
-    """Load two layers of one server in turn, swapping who goes first each time: an engine's own speed
-    drifts over its life, and measuring one layer after the other would put that drift between them."""
-    for url in dict.fromkeys(url for _, url in layers):
-        await warm_up(url)
+async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], concurrencies, repeats, results, scale):
+    """Load two layers (name, URL, API key) of one server in turn, swapping who goes first each time: an
+    engine's own speed drifts over its life, and measuring one layer after the other would put that
+    drift between them."""
+    for _, url, api_key in layers:
+        await warm_up(url, api_key)
     for repeat in range(repeats):
-        for name, url in layers if repeat % 2 == 0 else reversed(layers):
-            await load(name, url, concurrencies, 1, results, scale=scale)
+        for name, url, api_key in layers if repeat % 2 == 0 else reversed(layers):
+            await load(name, url, concurrencies, 1, results, scale=scale, api_key=api_key)
 
 
 async def engine_layers(engine, model, concurrencies, repeats, results, cold_starts, scale) -> None:
@@ -80,7 +81,7 @@ async def engine_layers(engine, model, concurrencies, repeats, results, cold_sta
     async with serving(engine, partial(setup.own_server, model), setup.env, signal.SIGTERM) as (url, cold_start):
         cold_starts.setdefault((engine, "engine"), []).append(cold_start)
         async with serving("router", partial(router_in_front, url), {}, signal.SIGTERM) as (router_url, _):
-            layers = [((engine, "engine"), url), ((engine, "router+engine"), router_url)]
+            layers = [((engine, "engine"), url, None), ((engine, "router+engine"), router_url, None)]
             await alternately(layers, concurrencies, repeats, results, scale)
 
 
@@ -89,7 +90,8 @@ async def raylm_layers(engine, model, concurrencies, repeats, results, cold_star
     command = partial(setup.through_raylm, engine, model)
     async with serving(f"raylm+{engine}", command, {"RAYLM_HOME": home}, signal.SIGINT) as (url, cold_start):
         cold_starts.setdefault((engine, "raylm"), []).append(cold_start)
-        layers = [((engine, "engine-in-ray"), engine_url(MODEL_NAME)), ((engine, "raylm"), url)]
+        # the engine a replica started takes only requests with the replica's key, as the router sends them
+        layers = [((engine, "engine-in-ray"), *engine_behind(MODEL_NAME)), ((engine, "raylm"), url, None)]
         await alternately(layers, concurrencies, repeats, results, scale)
 
 

@@ -156,14 +156,23 @@ async def serving(
             stop(process, graceful)
 
 
-async def warm_up(url: str) -> None:
-    result = await LOAD_GENERATORS["loadgen"](url, MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS)
+async def warm_up(url: str, api_key: str | None = None) -> None:
+    result = await LOAD_GENERATORS["loadgen"](
+        url, MODEL_NAME, concurrency=4, requests=20, max_tokens=MAX_TOKENS, api_key=api_key
+    )
     if result.errors:
         raise RuntimeError(f"{result.errors} of 20 warm-up requests to {url} failed")
 
 
 async def load(
-    name, url: str, concurrencies: list[int], repeats: int, results: dict, generators=tuple(LOAD_GENERATORS), scale=1.0
+    name,
+    url: str,
+    concurrencies: list[int],
+    repeats: int,
+    results: dict,
+    generators=tuple(LOAD_GENERATORS),
+    scale=1.0,
+    api_key: str | None = None,
 ) -> None:
     """Load `url` `repeats` times at each concurrency with each generator; results[(generator, name,
     concurrency, metric)] collects req/s and TTFT p50/p99 (ms)."""
@@ -176,6 +185,7 @@ async def load(
                     concurrency=concurrency,
                     requests=max(concurrency, int(REQUESTS[concurrency] * scale)),
                     max_tokens=MAX_TOKENS,
+                    api_key=api_key,
                 )
                 if result.errors:
                     raise RuntimeError(f"{name}: {result.errors} failed requests ({generator}, c={concurrency})")
@@ -183,21 +193,6 @@ async def load(
                 results.setdefault((*key, "req/s"), []).append(result.requests_per_second)
                 results.setdefault((*key, "TTFT p50 (ms)"), []).append(result.ttft_ms(0.5))
                 results.setdefault((*key, "TTFT p99 (ms)"), []).append(result.ttft_ms(0.99))
-
-
-def engine_url(served_name: str) -> str:
-    """The URL of the engine server a raylm replica started (read from its command line; it listens on
-    the node's IP as Ray registered it)."""
-    import psutil
-
-    for process in psutil.process_iter(["cmdline"]):
-        command = process.info["cmdline"] or []
-        serves_it = (
-            "--served-model-name" in command and command[command.index("--served-model-name") + 1] == served_name
-        )
-        if serves_it and "--port" in command:
-            return f"http://{command[command.index('--host') + 1]}:{command[command.index('--port') + 1]}"
-    raise RuntimeError(f"no engine server serving {served_name!r} found")
 
 
 def machine() -> str:

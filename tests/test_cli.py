@@ -172,3 +172,12 @@ def test_an_engine_option_before_the_model_is_a_usage_error(tmp_home):
     assert code == 2 and err[-1] == (
         "Error: unknown option --max-model-len: name the MODEL first, then the engine's own options"
     )
+
+
+def test_an_api_key_file_without_a_key_stops_before_anything_starts(tiny_llama, tmp_path, tmp_home):
+    keys = tmp_path / "keys"
+    keys.write_text("# one key per line\n")
+    code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--api-key-file", str(keys), env=tmp_home)
+    assert_one_line_error(code, err, f"the API key file {keys} holds no key: write one key per line")
+    code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--api-key-file", str(tmp_path / "no"), env=tmp_home)
+    assert_one_line_error(code, err, f"cannot read the API key file {tmp_path / 'no'}: No such file or directory")

@@ -17,11 +17,11 @@ import threading
 from pathlib import Path
 
 import openai
-import psutil
 import pytest
 import yaml
 from servetools import free_port, leftovers, run_cli
 
+from raylm.testing.processes import engine_behind
 from raylm_local.backend import ray_temp_dir
 
 pytestmark = pytest.mark.engine
@@ -85,23 +85,16 @@ def deployment(tmp_path_factory, smollm2, minilm_model):
     assert leftovers(ray_temp_dir(home, "exact"), "exact", "smollm2", "minilm") == []
 
 
-def engine_url(served_name):
-    """The engine server behind raylm, as its command line says it listens."""
-    for process in psutil.process_iter(["cmdline"]):
-        command = process.info["cmdline"] or []
-        if "--served-model-name" in command and command[command.index("--served-model-name") + 1] == served_name:
-            return f"http://{command[command.index('--host') + 1]}:{command[command.index('--port') + 1]}"
-    raise AssertionError(f"no engine server serves {served_name!r}")
+def client(url, api_key="unused"):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=300)
 
 
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-
-
-def answer(url, kind, model, request, stream):
-    """The response, as comparable data: every field but the response's id and creation time; a stream
-    as its chunks joined per choice (text, finish reason, logprobs) and its usage."""
-    api = client(url).completions if kind == "completions" else client(url).chat.completions
+def answer(server, kind, model, request, stream):
+    """The response from `server` (a URL, or a URL and a key), as comparable data: every field but the
+    response's id and creation time; a stream as its chunks joined per choice (text, finish reason,
+    logprobs) and its usage."""
+    talk = client(server) if isinstance(server, str) else client(*server)
+    api = talk.completions if kind == "completions" else talk.chat.completions
     if not stream:
         return api.create(model=model, **request).model_dump(exclude={"id", "created"})
     choices, usage = {}, None
@@ -128,8 +121,8 @@ def test_raylm_answers_exactly_what_the_engine_answers(deployment, engine, kind,
     model = ENGINE_MODELS[engine]
     request = (COMPLETIONS if kind == "completions" else CHATS)[case]
     ours = answer(deployment, kind, model, request, stream)
-    theirs = answer(engine_url(model), kind, model, request, stream)
-    if "seed" in request and answer(engine_url(model), kind, model, request, stream) != theirs:
+    theirs = answer(engine_behind(model), kind, model, request, stream)
+    if "seed" in request and answer(engine_behind(model), kind, model, request, stream) != theirs:
         # SGLang on CPU samples n > 1 choices differently each time, seed or not: nothing to compare with.
         pytest.skip(f"{engine}'s own server answers this seeded request differently each time")
     if engine == "sglang" and "logprobs" in case:
@@ -231,5 +224,5 @@ def test_a_relay_that_changes_one_byte_is_caught(deployment, stream):
         corrupted = answer(f"http://127.0.0.1:{relay.port}", "chat", "smollm2", request, stream)
     finally:
         relay.close()
-    assert corrupted != answer(engine_url("smollm2"), "chat", "smollm2", request, stream)
+    assert corrupted != answer(engine_behind("smollm2"), "chat", "smollm2", request, stream)
     assert json.dumps(corrupted) != json.dumps(answer(deployment, "chat", "smollm2", request, stream))

@@ -6,6 +6,7 @@ asked; the orchestration under test is the real one.
 
 import dataclasses
 import types
+from pathlib import Path
 
 import pytest
 from doubles import NullEngine
@@ -57,6 +58,7 @@ class FakeApps:
 
     deployed: dict = {}  # address -> app names
     fail_waiting: str | None = None
+    key_file: str | None = None
 
     def __init__(self, address, environment):
         self.address = address
@@ -70,6 +72,7 @@ class FakeApps:
 
     def deploy_router(self, plan, host, progress):
         self.deployed.setdefault(self.address, []).append(f"raylm-{plan.name}-router")
+        FakeApps.key_file = plan.api_key_file  # the path the router would read its keys from
         CALLS.append(("deploy", (f"raylm-{plan.name}-router",)))
 
     def deploy_models(self, plan, engines, progress):
@@ -101,7 +104,7 @@ def registry(raylm_registry, raylm_home):
     raylm_registry.add_plugin(plugin, name="stand-ins")
     CALLS.clear()
     RecordingBackend.running = set()
-    FakeApps.deployed, FakeApps.fail_waiting = {}, None
+    FakeApps.deployed, FakeApps.fail_waiting, FakeApps.key_file = {}, None, None
     return raylm_registry
 
 
@@ -147,6 +150,18 @@ def test_stopping_deletes_models_then_the_router_and_the_cluster_it_started(regi
         ("down", "orch"),
     ]
     assert DEPLOYMENTS.names() == []
+
+
+def test_a_key_in_the_environment_reaches_the_router_as_a_file_and_goes_with_the_deployment(registry, monkeypatch):
+    monkeypatch.setenv("RAYLM_API_KEY", "sk-from-the-environment")
+    serve(registry, plan())
+    key_file = Path(FakeApps.key_file)
+    assert key_file.read_text() == "sk-from-the-environment\n" and key_file.stat().st_mode & 0o777 == 0o600
+    record = DEPLOYMENTS.load("orch")
+    assert record.api_key_file == str(key_file)
+    assert "sk-from-the-environment" not in DEPLOYMENTS.store.path("orch").read_text()
+    stop(registry, "orch")
+    assert not key_file.exists()
 
 
 def test_a_start_that_fails_stops_everything_it_started(registry):

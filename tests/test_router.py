@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from raylm.errors import ConfigError
 from raylm.net import free_port
 from raylm.serving import keys, relay, routes
 from raylm.serving.router_thread import RouterThread
@@ -442,6 +444,20 @@ def test_keys_rotate_by_editing_the_file(locked, key_file):
     key_file.write_text("second-key\n")
     os.utime(key_file, (time.time() + 1, time.time() + 1))  # a new modification time even within one tick
     assert (status("first-key"), status("second-key")) == (401, 200)
+
+
+def test_the_endpoints_key_file_is_the_one_given_or_written_from_the_environment(key_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLM_HOME", str(tmp_path / "home"))
+    assert keys.endpoint_key_file("d", str(key_file), {"RAYLM_API_KEY": "other"}) == str(key_file)
+    assert keys.endpoint_key_file("d", None, {}) is None, "no key: an open endpoint"
+    written = Path(keys.endpoint_key_file("d", None, {"RAYLM_API_KEY": "from-env"}))
+    assert written == tmp_path / "home" / "keys" / "d.keys"
+    assert written.read_text() == "from-env\n" and written.stat().st_mode & 0o777 == 0o600
+    empty = tmp_path / "empty"
+    empty.write_text("# keys go here\n\n")
+    for path, message in ((empty, "holds no key: write one key per line"), (tmp_path / "no", "cannot read")):
+        with pytest.raises(ConfigError, match=message):
+            keys.endpoint_key_file("d", str(path), {})
 
 
 def test_an_engine_gets_its_own_key_never_the_clients(locked, engines):

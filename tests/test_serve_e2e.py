@@ -2,12 +2,14 @@
 
 One deployment is shared by the module (engine starts take minutes here):
 `raylm serve -f --detach` with a tiny Llama (2 replicas) and MiniLM behind one
-endpoint; the module ends with `raylm stop`, which must leave nothing running.
+endpoint that wants an API key; the module ends with `raylm stop`, which must
+leave nothing running.
 """
 
 import json
 import math
 import os
+import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +19,11 @@ import openai
 import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from servetools import assert_port_free, free_port, leftovers, run_cli
 
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
+from raylm.testing.processes import engine_behind
 from raylm_local.backend import ray_temp_dir as local_ray_temp_dir
 
 pytestmark = pytest.mark.engine
@@ -30,12 +34,15 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     port = free_port()
+    key = secrets.token_urlsafe(24)
+    key_file = home / "endpoint.keys"
+    key_file.write_text(f"# the e2e endpoint's keys\n{key}\n")
     plan = home / "deploy.yaml"
     plan.write_text(
         yaml.safe_dump(
             {
                 "name": "e2e",
-                "server": {"port": port},
+                "server": {"port": port, "api_key_file": "endpoint.keys"},  # relative to the file
                 "models": [
                     {"model": str(tiny_llama), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_LLAMA_VLLM_ARGS},
                     {
@@ -57,6 +64,9 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
         "env": env,
         "ray_temp_dir": ray_temp_dir,
         "progress": started.stderr,
+        "home": home,
+        "key": key,
+        "headers": bearer(key),
     }
 
     stopped = run_cli("stop", "e2e", env=env)
@@ -67,9 +77,13 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
     assert run_cli("status", env=env).stdout.strip() == "no deployments running"
 
 
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
 @pytest.fixture(scope="module")
 def client(deployment):
-    return openai.OpenAI(base_url=f"{deployment['url']}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{deployment['url']}/v1", api_key=deployment["key"], max_retries=0)
 
 
 def test_progress_was_shown_while_starting(deployment):
@@ -115,6 +129,7 @@ def test_streamed_completion_delivers_every_chunk_and_done(deployment, client):
         f"{deployment['url']}/v1/completions",
         timeout=60,
         json={"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 5, "stream": True},
+        headers=deployment["headers"],
     ) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -178,7 +193,7 @@ def test_malformed_json_is_a_400(deployment):
     response = httpx.post(
         f"{deployment['url']}/v1/chat/completions",
         content=b'{"model": "tiny-e2e",',
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **deployment["headers"]},
     )
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
 
@@ -190,6 +205,51 @@ def test_health_readiness_and_status(deployment):
     status = run_cli("status", "--json", env=deployment["env"])
     (record,) = json.loads(status.stdout)
     assert record["name"] == "e2e" and record["ready"] and record["models"] == ["tiny-e2e", "minilm-e2e"]
+
+
+def test_without_one_of_its_keys_the_endpoint_refuses(deployment):
+    wrong = openai.OpenAI(base_url=f"{deployment['url']}/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as raised:
+        wrong.completions.create(model="tiny-e2e", prompt="Hi", max_tokens=2)
+    assert raised.value.code == "invalid_api_key"
+    bare = httpx.post(f"{deployment['url']}/v1/completions", json={"model": "tiny-e2e", "prompt": "Hi"})
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{deployment['url']}/metrics").status_code == 401  # metrics want a key too
+
+
+def test_the_engines_answer_the_router_only(deployment):
+    url, engine_key = engine_behind("tiny-e2e")
+    request = {"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/completions", json=request).status_code == 401
+    refused = httpx.post(f"{url}/v1/completions", json=request, headers=deployment["headers"])
+    assert refused.status_code == 401, "the endpoint's key must not open an engine"
+    assert httpx.post(f"{url}/v1/completions", json=request, headers=bearer(engine_key)).status_code == 200
+
+
+def test_metrics_cover_the_router_and_every_engine(deployment, client):
+    client.completions.create(model="tiny-e2e", prompt="Hi", max_tokens=2)
+    scraped = httpx.get(f"{deployment['url']}/metrics", headers=deployment["headers"]).text
+    families = {family.name: family for family in text_string_to_metric_families(scraped)}
+    answered = {
+        (s.labels["model"], s.labels["route"], s.labels["status"]): s.value
+        for s in families["raylm_requests"].samples
+        if s.name == "raylm_requests_total"
+    }
+    assert answered[("tiny-e2e", "/v1/completions", "200")] >= 1
+    running = families["vllm:num_requests_running"].samples
+    assert {s.labels["model"] for s in running} == {"tiny-e2e", "minilm-e2e"}
+    assert len({s.labels["replica"] for s in running if s.labels["model"] == "tiny-e2e"}) == 2
+
+
+def test_no_key_shows_in_listings_records_status_or_logs(deployment):
+    _, engine_key = engine_behind("tiny-e2e")
+    listings = "\n".join(" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))
+    status = run_cli("status", "--json", env=deployment["env"]).stdout
+    records = "\n".join(f.read_text() for f in (deployment["home"] / "deployments").iterdir())
+    logs = "\n".join(f.read_text(errors="replace") for f in deployment["ray_temp_dir"].rglob("logs/*") if f.is_file())
+    for secret in (deployment["key"], engine_key):
+        for where, text in {"ps": listings, "status": status, "records": records, "Ray's logs": logs}.items():
+            assert secret not in text, f"a key shows in {where}"
 
 
 def test_serving_the_same_name_again_is_refused(deployment, tiny_llama):
@@ -267,7 +327,7 @@ def test_a_killed_engine_server_leaves_nothing_and_the_deployment_keeps_answerin
 
     def replaced():
         current = engine_servers("tiny-e2e")
-        routed = httpx.get(f"{deployment['url']}/v1/models").json()["data"]
+        routed = httpx.get(f"{deployment['url']}/v1/models", headers=deployment["headers"]).json()["data"]
         replicas = next(m["replicas"] for m in routed if m["id"] == "tiny-e2e")
         return len(current) == 2 and victim.pid not in [p.pid for p in current] and replicas == 2
 

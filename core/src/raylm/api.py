@@ -29,6 +29,7 @@ from raylm.placement import describe, node_need, unplaceable
 from raylm.plugins import Registry, get_registry
 from raylm.processes import DEPLOYMENT_MARKER, end_processes, marked_processes
 from raylm.serving.apps import RayServeApps, app_name
+from raylm.serving.keys import endpoint_key_file, key_file_from_environment
 from raylm.waiting import wait_until
 
 READY_TIMEOUT_S = 1800
@@ -99,6 +100,7 @@ def serve(
         progress(f"replacing the deployment {plan.name!r}")
         stop(plan.name, progress=progress, registry=registry, apps=apps)
     _refuse_running_duplicate(plan.name)
+    plan = dataclasses.replace(plan, api_key_file=endpoint_key_file(plan.name, plan.api_key_file, os.environ))
     backend_name = plan.backend or registry.default_backend()
     # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
     backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
@@ -128,6 +130,7 @@ def serve(
         head_is_local=backend.head_is_local,
         host=host,
         port=plan.port,
+        api_key_file=plan.api_key_file,
     )
     DEPLOYMENTS.save(record)
     try:
@@ -263,6 +266,7 @@ def stop(
             on_timeout=lambda: DeploymentError(f"port {record.port} on {record.host} is still in use after stopping"),
         )
     DEPLOYMENTS.delete(name)
+    key_file_from_environment(name).unlink(missing_ok=True)
     progress(f"stopped {name}")
     return [name]
 

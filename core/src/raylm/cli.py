@@ -79,6 +79,12 @@ def _deployment_name(model_name: str) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the OpenAI endpoint listens on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port of the OpenAI endpoint.")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas of the model.")
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False),
+    help="File of the endpoint's API keys, one per line (or one key in RAYLM_API_KEY); clients send one as "
+    "`Authorization: Bearer KEY`. Without either, the endpoint is open.",
+)
 @click.option("--python", "python_path", help="Python interpreter of a venv holding the engine, for its replicas.")
 @click.option(
     "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
@@ -96,6 +102,7 @@ def serve_command(
     host: str,
     port: int,
     replicas: int,
+    api_key_file: str | None,
     python_path: str | None,
     env_pairs: tuple[str, ...],
     detach: bool,
@@ -127,6 +134,7 @@ def serve_command(
             port=plan.port,
             backend=backend or plan.backend,
             backend_options={**plan.backend_options, **backend_options},
+            api_key_file=api_key_file or plan.api_key_file,
         )
     else:
         if not model:
@@ -150,6 +158,7 @@ def serve_command(
             port=port,
             backend=backend,
             backend_options=backend_options,
+            api_key_file=api_key_file,
         )
     _interrupt_on_stop_signals()
     running = serve(plan, progress=echo_progress, registry=registry, replace=replace)

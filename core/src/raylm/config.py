@@ -47,6 +47,7 @@ class ServePlan:
     port: int = 8000
     backend: str | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
+    api_key_file: str | None = None  # the endpoint's keys, one per line; None: the endpoint is open
 
     def __post_init__(self) -> None:
         if not DEPLOYMENT_NAME.match(self.name):
@@ -124,7 +125,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
     _reject_unknown(document, {"name", "cluster", "server", "models"}, str(path))
     server = document.get("server") or {}
     cluster = dict(document.get("cluster") or {})
-    _reject_unknown(server, {"host", "port"}, f"{path}: server")
+    _reject_unknown(server, {"host", "port", "api_key_file"}, f"{path}: server")
     models = document.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: `models` must be a non-empty list")
@@ -144,6 +145,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
         port=server.get("port", 8000),
         backend=cluster.pop("backend", None),
         backend_options=cluster,
+        api_key_file=str(path.parent / server["api_key_file"]) if server.get("api_key_file") else None,
     )
 
 

@@ -27,6 +27,7 @@ class DeploymentRecord:
     head_is_local: bool  # the router listens on this machine
     host: str
     port: int
+    api_key_file: str | None = None  # where the router reads the endpoint's keys (the path, never a key)
     started: float = field(default_factory=time.time)
 
     @property

@@ -93,8 +93,13 @@ class Engine(ABC):
     `start`, `check_health` and `stop` run inside each Ray Serve replica.
     """
 
+    # True when the engine's server can be told to require a key: the replica then sets `api_key` before
+    # `start`, the router sends that key with every request, and nothing else reaches the engine's routes.
+    takes_api_key: bool = False
+
     def __init__(self, deployment: ModelDeployment):
         self.deployment = deployment
+        self.api_key: str | None = None
 
     @abstractmethod
     def validate(self) -> None:

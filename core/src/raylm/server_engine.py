@@ -61,6 +61,10 @@ class ServerEngine(Engine):
     reserved_options: ClassVar[Mapping[str, str]] = {}
     # Distributions whose versions the check's answer depends on (the plugin's and the engine's).
     check_depends_on: ClassVar[tuple[str, ...]] = ()
+    # The environment variable the engine's server reads the key it requires from (vLLM's VLLM_API_KEY);
+    # an engine that takes its key otherwise overrides `key_settings`.
+    api_key_env: ClassVar[str | None] = None
+    takes_api_key = True
     health_path: ClassVar[str] = "/health"
 
     checked: dict[str, Any] | None = None
@@ -173,10 +177,19 @@ class ServerEngine(Engine):
                 return f"{self.display_name} rejected the arguments: " + line.split(": error: ", 1)[1]
         return lines[-1] if lines else f"{self.display_name}'s argument check failed without a message"
 
+    def key_settings(self) -> tuple[dict[str, str], list[str]]:
+        """The environment and the extra arguments that make the server require `self.api_key` (never the
+        key itself as an argument: process listings show those)."""
+        if self.api_key is None:
+            return {}, []
+        return {self.api_key_env: self.api_key}, []
+
     async def start(self, host: str) -> str:
         port = free_port(host)
         name = f"{self.display_name.lower()}:{self.deployment.name}"
-        self.server = ServerProcess(name, self.server_command(host, port), env=self.deployment.env)
+        env, arguments = self.key_settings()
+        command = [*self.server_command(host, port), *arguments]
+        self.server = ServerProcess(name, command, env={**self.deployment.env, **env})
         self.server.start()
         self.url = f"http://{host}:{port}"
         await self.server.wait_healthy(self.url + self.health_path, START_TIMEOUT_S)

@@ -23,7 +23,7 @@ def test_settings_outside_cml_come_from_options_environment_and_key_file(tmp_pat
     key_file = tmp_path / "key"
     key_file.write_text("file-key\n")
     settings = CMLSettings.resolve(
-        {"cml_url": "https://ml.example/", "project": "demo", "api_key_file": str(key_file)},
+        {"cml_url": "https://ml.example/", "project": "demo", "cml_api_key_file": str(key_file)},
         {"RAYLM_CML_API_KEY": "env-key"},
     )
     assert (settings.url, settings.project, settings.api_key) == ("https://ml.example", "demo", "file-key")
@@ -39,7 +39,7 @@ def test_settings_outside_cml_come_from_options_environment_and_key_file(tmp_pat
         ({}, {"RAYLM_CML_PROJECT": "p", "RAYLM_CML_API_KEY": "k"}, "no CML workbench URL"),
         ({"cml_url": "https://a"}, {"RAYLM_CML_API_KEY": "k"}, "no CML project"),
         ({"cml_url": "https://a", "project": "p"}, {}, "no CML API v2 key"),
-        ({"cml_url": "https://a", "project": "p", "api_key_file": "/nonexistent/key"}, {}, "cannot read the API key"),
+        ({"cml_url": "https://a", "project": "p", "cml_api_key_file": "/no/key"}, {}, "cannot read the CML API key"),
     ],
 )
 def test_missing_settings_say_what_to_give(options, environ, says):

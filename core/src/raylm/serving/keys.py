@@ -7,11 +7,16 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+
+from raylm.errors import ConfigError
+from raylm.state import raylm_home
 
 logger = logging.getLogger("raylm.router")
 
 RELOAD_CHECK_S = 1.0  # how often, at most, the file's modification time is looked at
+API_KEY_ENV = "RAYLM_API_KEY"  # one key, for who cannot write a file (the file wins when both are given)
 
 
 class KeyFile:
@@ -24,7 +29,7 @@ class KeyFile:
         self.checked = 0.0
         self.reload()
         if not self.keys:
-            raise ValueError(f"the API key file {self.path} holds no key (one key per line)")
+            raise ValueError(f"the API key file {self.path} holds no key")
 
     def reload(self) -> None:
         changed = os.stat(self.path).st_mtime
@@ -48,3 +53,31 @@ class KeyFile:
         # Constant time for each key, and every key compared: how long it takes says nothing of which matched.
         matches = [hmac.compare_digest(key.strip(), known) for known in self.keys]
         return any(matches)
+
+
+def key_file_from_environment(deployment: str) -> Path:
+    """Where the key from $RAYLM_API_KEY is written for the router of `deployment` (removed by its stop)."""
+    return raylm_home() / "keys" / f"{deployment}.keys"
+
+
+def endpoint_key_file(deployment: str, given: str | None, environ: Mapping[str, str]) -> str | None:
+    """The file the router reads the endpoint's keys from: the one given, else one written from
+    $RAYLM_API_KEY (mode 0600, under $RAYLM_HOME/keys); None when neither is set. The router reads it on
+    the head node: a path it can read there (on Cloudera ML, the project's files are on every pod)."""
+    if given is None:
+        key = environ.get(API_KEY_ENV, "").strip()
+        if not key:
+            return None
+        path = key_file_from_environment(deployment)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)  # created anew, so that it is created 0600
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(key + "\n")
+        given = str(path)
+    try:
+        KeyFile(given)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the API key file {given}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{exc}: write one key per line") from None
+    return str(Path(given).resolve())

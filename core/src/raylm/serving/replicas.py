@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 import urllib.request
 
 from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
+from raylm.serving.keys import KeyFile
 from raylm.serving.router_thread import RouterThread
 
 logger = logging.getLogger("ray.serve")
@@ -30,16 +32,17 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 class RouterReplica:
     """The router of a deployment, on the head node; model replicas register with it."""
 
-    def __init__(self, host: str, port: int, expected_models: list[str]):
-        self.router = RouterThread(expected_models, expire_after_s=EXPIRY_SECONDS)
+    def __init__(self, host: str, port: int, expected_models: list[str], api_key_file: str | None = None):
+        keys = KeyFile(api_key_file) if api_key_file else None
+        self.router = RouterThread(expected_models, expire_after_s=EXPIRY_SECONDS, keys=keys)
         try:
             self.router.start(host, port)
         except OSError as exc:
             raise RuntimeError(f"the router cannot listen on {host}:{port}: {exc}") from None
         logger.info("raylm router listening on http://%s:%d", host, port)
 
-    def register(self, model: str, url: str, replica_id: str, card: dict | None) -> None:
-        self.router.call(self.router.table.register, model, url, replica_id, card)
+    def register(self, model: str, url: str, replica_id: str, card: dict | None, api_key: str | None) -> None:
+        self.router.call(self.router.table.register, model, url, replica_id, card, api_key)
 
     def deregister(self, replica_id: str) -> None:
         self.router.call(self.router.table.deregister, replica_id)
@@ -66,17 +69,21 @@ class ModelReplica:
     async def __init__(self, deployment: ModelDeployment, engine_class: type[Engine], router_app: str):
         self.deployment = deployment
         self.engine = engine_class(deployment)
+        if self.engine.takes_api_key:  # a key of this replica's own: only the router can reach its engine
+            self.engine.api_key = secrets.token_urlsafe(32)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.router = serve.get_deployment_handle("RouterReplica", app_name=router_app)
         started = time.monotonic()
         self.url = await self.engine.start(_node_ip())
         logger.info("model %s: engine ready at %s after %.1fs", deployment.name, self.url, time.monotonic() - started)
-        self.card = await asyncio.to_thread(_model_card, self.url, deployment.name)
+        self.card = await asyncio.to_thread(_model_card, self.url, deployment.name, self.engine.api_key)
         await self._register()
         self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _register(self) -> None:
-        await self.router.register.remote(self.deployment.name, self.url, self.replica_id, self.card)
+        await self.router.register.remote(
+            self.deployment.name, self.url, self.replica_id, self.card, self.engine.api_key
+        )
 
     async def _heartbeat(self) -> None:
         while True:
@@ -100,10 +107,13 @@ class ModelReplica:
         await self.engine.stop()
 
 
-def _model_card(url: str, name: str) -> dict | None:
+def _model_card(url: str, name: str, api_key: str | None) -> dict | None:
     """The engine's own `/v1/models` entry for this model (carries e.g. max_model_len)."""
+    request = urllib.request.Request(f"{url}/v1/models")
+    if api_key is not None:
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             cards = json.load(response).get("data", [])
     except (OSError, ValueError):
         return None

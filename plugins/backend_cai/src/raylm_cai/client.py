@@ -5,7 +5,7 @@ Where it finds its settings, first match wins:
 - workbench URL: the `cml_url` option, `RAYLM_CML_URL`, or inside a CML workload
   `CDSW_API_URL` (the v1 base; its scheme and host are kept);
 - project: the `project` option (an id or a name), `RAYLM_CML_PROJECT`, or `CDSW_PROJECT_ID`;
-- API v2 key: the file named by the `api_key_file` option, `RAYLM_CML_API_KEY`, or
+- API v2 key: the file named by the `cml_api_key_file` option, `RAYLM_CML_API_KEY`, or
   `CDSW_APIV2_KEY`. Never a command-line value: those show in process listings.
 """
 
@@ -60,7 +60,7 @@ class CMLSettings:
         project = options.get("project") or environ.get("RAYLM_CML_PROJECT") or environ.get("CDSW_PROJECT_ID")
         if not project:
             raise CMLError("no CML project: pass --project NAME_OR_ID or set RAYLM_CML_PROJECT")
-        return cls(url=url.rstrip("/"), api_key=_api_key(options.get("api_key_file"), environ), project=project)
+        return cls(url=url.rstrip("/"), api_key=_api_key(options.get("cml_api_key_file"), environ), project=project)
 
 
 def _v2_base(api_v1_url: str | None) -> str | None:
@@ -75,14 +75,14 @@ def _api_key(key_file: str | None, environ: Mapping[str, str]) -> str:
         try:
             key = Path(key_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise CMLError(f"cannot read the API key file {key_file}: {exc.strerror}") from None
+            raise CMLError(f"cannot read the CML API key file {key_file}: {exc.strerror}") from None
         if not key:
-            raise CMLError(f"the API key file {key_file} is empty")
+            raise CMLError(f"the CML API key file {key_file} is empty")
         return key
     key = environ.get("RAYLM_CML_API_KEY") or environ.get("CDSW_APIV2_KEY")
     if not key:
         raise CMLError(
-            "no CML API v2 key: create one under User Settings > API Keys, then pass --api-key-file FILE "
+            "no CML API v2 key: create one under User Settings > API Keys, then pass --cml-api-key-file FILE "
             "or set RAYLM_CML_API_KEY (inside a CML session CDSW_APIV2_KEY is used)"
         )
     return key

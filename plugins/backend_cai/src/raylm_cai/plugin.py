@@ -7,7 +7,7 @@ from raylm.specs import BackendOption
 CONNECTION_OPTIONS = (
     BackendOption("cml_url", "CML workbench URL, e.g. https://ml-xxxx.cloudera.site (or RAYLM_CML_URL)"),
     BackendOption("project", "CML project id or name (or RAYLM_CML_PROJECT; inside CML: this project)"),
-    BackendOption("api_key_file", "file holding a CML API v2 key (or RAYLM_CML_API_KEY; inside CML: CDSW_APIV2_KEY)"),
+    BackendOption("cml_api_key_file", "file of a CML API v2 key (or RAYLM_CML_API_KEY; in CML: CDSW_APIV2_KEY)"),
     BackendOption("runtime_identifier", "ML Runtime image of the applications, as `GET /api/v2/runtimes` lists it"),
 )
 CLUSTER_OPTIONS = (

