@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from starlette.routing import Route
 from raylm.errors import ConfigError
 from raylm.net import free_port
 from raylm.serving import keys, relay, routes
+from raylm.serving.admission import Limits
 from raylm.serving.router_thread import RouterThread
 
 
@@ -34,6 +36,7 @@ class FakeEngine:
         self.name = name
         self.port = free_port()
         self.requests = []
+        self.active = self.peak = 0  # streams being answered now, and the most at once
         self.disconnected = threading.Event()
         app = Starlette(
             routes=[Route("/v1/completions", self.completions, methods=["POST"]), Route("/metrics", self.metrics)]
@@ -67,6 +70,8 @@ class FakeEngine:
             return JSONResponse({"served_by": self.name, "model": body["model"]})
 
         async def events():
+            self.active += 1
+            self.peak = max(self.peak, self.active)
             try:
                 for index in range(body.get("chunks", 3)):
                     yield f"data: {json.dumps({'index': index, 'served_by': self.name})}\n\n"
@@ -75,6 +80,8 @@ class FakeEngine:
             except asyncio.CancelledError:
                 self.disconnected.set()
                 raise
+            finally:
+                self.active -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -466,3 +473,57 @@ def test_an_engine_gets_its_own_key_never_the_clients(locked, engines):
     assert httpx.post(f"{locked.url}/v1/completions", json={"model": "beta"}, headers=bearer).status_code == 200
     assert engines["a1"].requests[-1]["headers"]["authorization"] == "Bearer a1-engine-key"
     assert "authorization" not in engines["b1"].requests[-1]["headers"], "the endpoint's key is never passed on"
+
+
+def test_a_model_at_capacity_queues_then_refuses_with_retry_after(engines):
+    limits = {"beta": Limits(max_ongoing_requests=2, max_queued_requests=2)}
+    with Routing(["beta"], limits=limits) as router:
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        slow = {"model": "beta", "stream": True, "chunks": 4, "delay": 0.25}
+
+        def one(_):
+            with httpx.stream("POST", f"{router.url}/v1/completions", json=slow, timeout=30) as response:
+                return response.status_code, response.headers.get("retry-after"), response.read()
+
+        with ThreadPoolExecutor(6) as pool:
+            outcomes = list(pool.map(one, range(6)))
+        scraped = httpx.get(f"{router.url}/metrics").text
+    served = [body for status, _, body in outcomes if status == 200]
+    refused = [(retry, json.loads(body)) for status, retry, body in outcomes if status == 429]
+    assert len(served) == 4 and all(body.endswith(b"data: [DONE]\n\n") for body in served), "2 ran, 2 waited"
+    assert len(refused) == 2 and all(r == "1" and e["error"]["code"] == "rate_limit_exceeded" for r, e in refused)
+    assert engines["b1"].peak == 2, "the engine never had more than max_ongoing_requests"
+    assert 'raylm_rejected_requests_total{model="beta"} 2.0' in scraped
+    assert 'raylm_queued_requests{model="beta"} 0.0' in scraped
+
+
+def test_a_waiting_request_takes_a_new_replica_at_once(engines):
+    with Routing(["beta"], limits={"beta": Limits(max_ongoing_requests=1, max_queued_requests=4)}) as router:
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(post, router, {"model": "beta", "stream": True, "chunks": 8, "delay": 0.5})
+            time.sleep(0.5)
+            waiting = pool.submit(post, router, {"model": "beta"})
+            time.sleep(0.5)
+            assert not waiting.done(), "b1 is busy: the request waits"
+            router.call(router.table.register, "beta", engines["a1"].url, "a1", None)
+            assert waiting.result(timeout=2).json()["served_by"] == "a1"
+            assert not busy.done(), "long before b1 is free"
+
+
+def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engines, caplog):
+    caplog.set_level("INFO", logger="raylm.access")
+    mine = post(router, {"model": "beta"}, headers={"x-request-id": "client-7"})
+    assert mine.headers["x-request-id"] == "client-7" == engines["b1"].requests[-1]["headers"]["x-request-id"]
+    streamed = post(router, {"model": "beta", "stream": True})
+    made = streamed.headers["x-request-id"]
+    assert len(made) == 32 and engines["b1"].requests[-1]["headers"]["x-request-id"] == made
+    odd = post(router, {"model": "beta"}, headers={"x-request-id": "has spaces; and is long " * 8 + "end"})
+    assert len(odd.headers["x-request-id"]) == 32, "an id unfit for logs is replaced"
+    refused = post(router, {"model": "nope"}, headers={"x-request-id": "client-8"})
+    assert refused.status_code == 404 and refused.headers["x-request-id"] == "client-8"
+    lines = [record.getMessage() for record in caplog.records if record.name == "raylm.access"]
+    assert lines[0].startswith("client-7 /v1/completions model=beta status=200 first_byte_ms=")
+    assert lines[0].endswith(" replica=b1")
+    assert lines[1].startswith(f"{made} /v1/completions model=beta status=200")
+    assert lines[3].startswith("client-8 /v1/completions model=(unknown) status=404 first_byte_ms=- ")

@@ -241,6 +241,23 @@ def test_metrics_cover_the_router_and_every_engine(deployment, client):
     assert len({s.labels["replica"] for s in running if s.labels["model"] == "tiny-e2e"}) == 2
 
 
+def test_every_request_has_an_id_and_a_line_in_the_access_log(deployment, client):
+    answer = client.completions.with_raw_response.create(
+        model="tiny-e2e", prompt="Hi", max_tokens=2, extra_headers={"x-request-id": "e2e-access-1"}
+    )
+    assert answer.headers["x-request-id"] == "e2e-access-1"
+
+    def logged():
+        return [
+            line
+            for path in deployment["ray_temp_dir"].rglob("logs/serve/*.log")
+            for line in path.read_text(errors="replace").splitlines()
+            if "e2e-access-1 /v1/completions model=tiny-e2e status=200" in line
+        ]
+
+    wait_until(logged, 10, "the access log line is written")
+
+
 def test_no_key_shows_in_listings_records_status_or_logs(deployment):
     _, engine_key = engine_behind("tiny-e2e")
     listings = "\n".join(" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"]))

@@ -14,6 +14,7 @@ import click
 from raylm import __version__
 from raylm.errors import RaylmError
 from raylm.plugins import Registry, get_registry
+from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS
 
 
 def echo_progress(message: str) -> None:
@@ -80,6 +81,20 @@ def _deployment_name(model_name: str) -> str:
 @click.option("--port", default=8000, show_default=True, type=int, help="Port of the OpenAI endpoint.")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas of the model.")
 @click.option(
+    "--max-ongoing-requests",
+    default=DEFAULT_MAX_ONGOING_REQUESTS,
+    show_default=True,
+    type=int,
+    help="Requests one replica takes at once; more wait in the model's queue.",
+)
+@click.option(
+    "--max-queued-requests",
+    default=DEFAULT_MAX_QUEUED_REQUESTS,
+    show_default=True,
+    type=int,
+    help="Requests that may wait for the model's replicas; more get 429 with Retry-After.",
+)
+@click.option(
     "--api-key-file",
     type=click.Path(dir_okay=False),
     help="File of the endpoint's API keys, one per line (or one key in RAYLM_API_KEY); clients send one as "
@@ -102,6 +117,8 @@ def serve_command(
     host: str,
     port: int,
     replicas: int,
+    max_ongoing_requests: int,
+    max_queued_requests: int,
     api_key_file: str | None,
     python_path: str | None,
     env_pairs: tuple[str, ...],
@@ -148,6 +165,8 @@ def serve_command(
             engine=engine,
             engine_args=engine_args,
             replicas=replicas,
+            max_ongoing_requests=max_ongoing_requests,
+            max_queued_requests=max_queued_requests,
             python=python_path,
             env=_parse_env(env_pairs),
         )

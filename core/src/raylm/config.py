@@ -86,7 +86,10 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
-    allowed = {"model", "name", "engine", "replicas", "engine_args", "python", "env"}
+    allowed = {
+        "model", "name", "engine", "replicas", "engine_args", "python", "env", "max_ongoing_requests",
+        "max_queued_requests",
+    }  # fmt: skip
     _reject_unknown(entry, allowed, where)
     if "model" not in entry:
         raise ConfigError(f"{where}: `model` (a path or id) is required")
@@ -106,6 +109,7 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
         replicas=entry.get("replicas", 1),
         python=entry.get("python"),
         env={str(k): str(v) for k, v in (entry.get("env") or {}).items()},
+        **{key: entry[key] for key in ("max_ongoing_requests", "max_queued_requests") if key in entry},
     )
 
 

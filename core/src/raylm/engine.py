@@ -15,6 +15,7 @@ from typing import Any
 
 from raylm.errors import ConfigError
 from raylm.names import check_name
+from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Limits
 
 
 def args_to_argv(engine_args: Mapping[str, Any]) -> tuple[str, ...]:
@@ -54,6 +55,9 @@ class ModelDeployment:
     # Python interpreter the replicas run in (a venv holding this engine), or None for the driver's.
     python: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+    # Backpressure, enforced by the router: requests at once per replica, and waiting for the model.
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -63,8 +67,16 @@ class ModelDeployment:
         check_name("engine", self.engine)
         if not isinstance(self.replicas, int) or self.replicas < 1:
             raise ConfigError(f"model {self.name!r}: replicas must be a whole number >= 1, got {self.replicas!r}")
+        try:
+            Limits(self.max_ongoing_requests, self.max_queued_requests)  # checks them
+        except ConfigError as exc:
+            raise ConfigError(f"model {self.name!r}: {exc}") from None
         object.__setattr__(self, "engine_args", tuple(str(a) for a in self.engine_args))
         object.__setattr__(self, "env", dict(self.env))
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_ongoing_requests, self.max_queued_requests)
 
 
 @dataclass(frozen=True)

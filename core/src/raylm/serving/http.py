@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from http import HTTPStatus
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -54,17 +55,29 @@ def openai_error(status: int, body: bytes) -> dict | None:
     return error_body(status, text or reason(status), code=str(status))
 
 
-def http_response(status: int, payload: dict, keep_alive: bool = True) -> bytes:
-    return raw_response(status, "application/json", json.dumps(payload).encode(), keep_alive)
+def http_response(
+    status: int, payload: dict, keep_alive: bool = True, headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    return raw_response(status, "application/json", json.dumps(payload).encode(), keep_alive, headers)
 
 
-def raw_response(status: int, content_type: str, body: bytes, keep_alive: bool = True) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {reason(status)}\r\n"
-        f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
-        f"{'' if keep_alive else 'connection: close' + chr(13) + chr(10)}\r\n"
-    )
-    return head.encode() + body
+def raw_response(
+    status: int, content_type: str, body: bytes, keep_alive: bool = True, headers: Sequence[tuple[str, str]] = ()
+) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason(status)}", f"content-type: {content_type}", f"content-length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if not keep_alive:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def with_header(response_head: bytes, name: bytes, value: bytes) -> bytes:
+    """An engine's response head (or the start of it) with one header more, unless the engine sent it."""
+    status_line, _, rest = response_head.partition(b"\r\n")
+    head = rest.split(b"\r\n\r\n", 1)[0].lower()
+    if head.startswith(name + b":") or b"\r\n" + name + b":" in head:
+        return response_head
+    return status_line + b"\r\n" + name + b": " + value + b"\r\n" + rest
 
 
 def forwarded_request(

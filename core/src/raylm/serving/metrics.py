@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from raylm.serving.admission import Admission
 from raylm.serving.routes import RouteTable, Upstream
 
 logger = logging.getLogger("raylm.router")
@@ -29,7 +30,7 @@ ENGINE_SCRAPE_TIMEOUT_S = 5.0
 class RouterMetrics:
     """What the router counts, in a registry of its own."""
 
-    def __init__(self, table: RouteTable):
+    def __init__(self, table: RouteTable, admission: Admission):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "raylm_requests", "Requests answered, by model, route and HTTP status", ["model", "route", "status"],
@@ -55,7 +56,11 @@ class RouterMetrics:
             "raylm_unauthorized_requests", "Requests refused for a missing or wrong API key (401)",
             registry=self.registry,
         )  # fmt: skip
-        self.registry.register(_InFlight(table))
+        self.rejected = Counter(
+            "raylm_rejected_requests", "Requests refused because the model was at capacity (429)", ["model"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_InFlight(table, admission))
 
     def answered(self, model: str, route: str, status: int, first_byte_s: float | None, total_s: float) -> None:
         self.requests.labels(model, route, str(status)).inc()
@@ -71,10 +76,11 @@ class RouterMetrics:
 
 
 class _InFlight:
-    """Requests in flight per model and per replica, and replicas routed to, read from the route table."""
+    """Requests in flight per model and per replica, replicas routed to and requests waiting, read from the
+    route table and the queues at scrape time."""
 
-    def __init__(self, table: RouteTable):
-        self.table = table
+    def __init__(self, table: RouteTable, admission: Admission):
+        self.table, self.admission = table, admission
 
     def collect(self) -> Iterator[Metric]:
         per_model = GaugeMetricFamily("raylm_requests_in_flight", "Requests in flight, by model", labels=["model"])
@@ -82,13 +88,17 @@ class _InFlight:
             "raylm_replica_requests_in_flight", "Requests in flight, by replica", labels=["model", "replica"]
         )
         replicas = GaugeMetricFamily("raylm_replicas", "Replicas routed to, by model", labels=["model"])
+        queued = GaugeMetricFamily(
+            "raylm_queued_requests", "Requests waiting for a replica with room, by model", labels=["model"]
+        )
         for model in self.table.model_names():
             upstreams = self.table.replicas(model)
             per_model.add_metric([model], sum(u.in_flight for u in upstreams))
             replicas.add_metric([model], len(upstreams))
+            queued.add_metric([model], self.admission.depth(model))
             for upstream in upstreams:
                 per_replica.add_metric([model, upstream.replica_id], upstream.in_flight)
-        yield from (per_model, per_replica, replicas)
+        yield from (per_model, per_replica, replicas, queued)
 
 
 class _Fixed:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import TYPE_CHECKING
 
 import httptools
 
-from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error, raw_response
+from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error, raw_response, with_header
 
 if TYPE_CHECKING:
     from raylm.serving.router import Request, Router
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 MAX_HEAD_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 60.0
+
+# One line per model request: its id, route, model, status, time to first byte and in all, replica.
+access_log = logging.getLogger("raylm.access")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -80,7 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 400:
             self.piping = True
-            self.client.transport.write(bytes(self.held))
+            self.client.transport.write(with_header(bytes(self.held), b"x-request-id", self.client.request_id))
             self.held.clear()
         else:
             self.error_body = bytearray()
@@ -94,7 +98,10 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if self.error_body is not None:
             payload = openai_error(status, bytes(self.error_body))
-            client.transport.write(bytes(self.held) if payload is None else http_response(status, payload))
+            if payload is None:
+                client.transport.write(with_header(bytes(self.held), b"x-request-id", client.request_id))
+            else:
+                client.transport.write(http_response(status, payload, headers=client.response_headers()))
         client.answered(status, self.first_byte_at)
         self.first_byte_at = None
         keep_alive = self.parser.should_keep_alive()
@@ -148,9 +155,12 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_connection: UpstreamConnection | None = None
         self.keep_alive = True
         self.timer: asyncio.TimerHandle | None = None
-        # The request being answered: its model and route (for metrics), and when it had arrived whole.
+        # The request being answered: its id, model, route and replica (for metrics and the access log),
+        # and when it had arrived whole.
+        self.request_id = b""
         self.model = ""
         self.route = ""
+        self.replica = ""
         self.arrived = 0.0
 
     # asyncio callbacks
@@ -242,31 +252,45 @@ class ClientConnection(asyncio.Protocol):
         self.time_out_in(None, None)  # the response may take as long as the engine needs
         self.keep_alive = self.parser.should_keep_alive()
         self.arrived = time.monotonic()
-        self.model = self.route = ""
+        self.model = self.route = self.replica = ""
+        self.request_id = b""
         self.transport.pause_reading()
         self.router.dispatch(self, self.parser.get_method(), self.url, self.headers, bytes(self.body))
 
     # outcomes
-    def reply(self, status: int, payload: dict, close: bool = False) -> None:
-        self.reply_raw(status, "application/json", json.dumps(payload).encode(), close)
+    def reply(self, status: int, payload: dict, close: bool = False, retry_after_s: int | None = None) -> None:
+        self.reply_raw(status, "application/json", json.dumps(payload).encode(), close, retry_after_s)
 
-    def reply_raw(self, status: int, content_type: str, body: bytes, close: bool = False) -> None:
+    def reply_raw(
+        self, status: int, content_type: str, body: bytes, close: bool = False, retry_after_s: int | None = None
+    ) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         keep_alive = self.keep_alive and not close
-        self.transport.write(raw_response(status, content_type, body, keep_alive))
+        headers = self.response_headers() + ([("retry-after", str(retry_after_s))] if retry_after_s else [])
+        self.transport.write(raw_response(status, content_type, body, keep_alive, headers))
         if self.route:
             self.answered(status, None)
         self.finish(keep_alive)
 
+    def response_headers(self) -> list[tuple[str, str]]:
+        return [("x-request-id", self.request_id.decode("latin-1"))] if self.request_id else []
+
     def answered(self, status: int, first_byte_at: float | None) -> None:
-        """Count the answer to a model request (once: the request's route is forgotten)."""
+        """Count and log the answer to a model request (once: the request's route is forgotten)."""
         metrics, route = self.router.metrics, self.route
         self.route = ""
-        if metrics is not None and route:
-            now = time.monotonic()
-            first_byte = None if first_byte_at is None else first_byte_at - self.arrived
-            metrics.answered(self.model, route, status, first_byte, now - self.arrived)
+        if not route:
+            return
+        total = time.monotonic() - self.arrived
+        first_byte = None if first_byte_at is None else first_byte_at - self.arrived
+        if metrics is not None:
+            metrics.answered(self.model, route, status, first_byte, total)
+        access_log.info(
+            "%s %s model=%s status=%d first_byte_ms=%s total_ms=%.1f replica=%s",
+            self.request_id.decode("latin-1"), route, self.model, status,
+            "-" if first_byte is None else f"{first_byte * 1000:.1f}", total * 1000, self.replica or "-",
+        )  # fmt: skip
 
     def finish(self, keep_alive: bool) -> None:
         if self.transport is None:

@@ -18,6 +18,7 @@ import urllib.request
 from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
+from raylm.serving.admission import Limits
 from raylm.serving.keys import KeyFile
 from raylm.serving.router_thread import RouterThread
 
@@ -32,9 +33,10 @@ HEAD_NODE_RESOURCE = "node:__internal_head__"
 class RouterReplica:
     """The router of a deployment, on the head node; model replicas register with it."""
 
-    def __init__(self, host: str, port: int, expected_models: list[str], api_key_file: str | None = None):
+    def __init__(self, host: str, port: int, models: dict[str, Limits], api_key_file: str | None = None):
+        _log_where_serve_logs()
         keys = KeyFile(api_key_file) if api_key_file else None
-        self.router = RouterThread(expected_models, expire_after_s=EXPIRY_SECONDS, keys=keys)
+        self.router = RouterThread(models, expire_after_s=EXPIRY_SECONDS, keys=keys, limits=models)
         try:
             self.router.start(host, port)
         except OSError as exc:
@@ -53,6 +55,15 @@ class RouterReplica:
 
     def __del__(self) -> None:
         self.router.stop()
+
+
+def _log_where_serve_logs() -> None:
+    """raylm's own log lines (the router's, the access log) go where Serve writes this replica's, at INFO:
+    its file under Ray's session logs (`serve/replica_*.log`)."""
+    ours = logging.getLogger("raylm")
+    ours.setLevel(logging.INFO)
+    ours.handlers = list(logging.getLogger("ray.serve").handlers)
+    ours.propagate = False
 
 
 def _node_ip() -> str:

@@ -15,9 +15,12 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+import re
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from raylm.serving.admission import Admission, Limits
 from raylm.serving.http import error_body, forwarded_request
 from raylm.serving.keys import KeyFile
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
@@ -29,6 +32,9 @@ logger = logging.getLogger("raylm.router")
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 MAX_CONNECTIONS = 4096
+# A client's own request id is kept when it is short and plain (it lands in logs and the engine's ids).
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+RETRY_AFTER_S = 1  # what a 429 (at capacity) or a 503 (model starting) tells clients to wait
 UNAUTHORIZED = error_body(
     401, "Incorrect API key provided: send one of the endpoint's keys as `Authorization: Bearer KEY`.",
     code="invalid_api_key",
@@ -46,10 +52,13 @@ class Router:
         max_connections: int = MAX_CONNECTIONS,
         metrics: bool = True,
         keys: KeyFile | None = None,
+        limits: Mapping[str, Limits] | None = None,
     ):
         self.table = table
         self.policy = policy or LeastInFlight()
-        self.metrics = RouterMetrics(table) if metrics else None
+        self.admission = Admission(limits)
+        table.on_change = self.admission.replicas_changed
+        self.metrics = RouterMetrics(table, self.admission) if metrics else None
         self.keys = keys  # with keys, every /v1 route and /metrics need one of them
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
@@ -120,6 +129,7 @@ class Router:
         )
 
     def route_to_model(self, client: ClientConnection, method: bytes, url: bytes, headers: list, body: bytes) -> None:
+        client.request_id, headers = request_id(headers)
         try:
             payload = json.loads(body)
         except ValueError as exc:
@@ -132,14 +142,37 @@ class Router:
         if not isinstance(model, str) or not model:
             client.reply(400, error_body(400, "the request needs a `model` field naming a served model", param="model"))
             return
-        upstream = self.pick(model, payload)
-        if upstream is None:
+        if not self.table.replicas(model):
             if model in self.table.expected_models:
-                client.reply(503, error_body(503, f"model {model!r} is starting; retry shortly", code="model_starting"))
+                message = f"model {model!r} is starting; retry shortly"
+                client.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
             else:
                 client.reply(404, self.unknown_model(model))
             return
-        self.forward(client, upstream, Request(method, url, headers, body, payload, self.keys is not None), retries=1)
+        self.admit(client, Request(method, url, headers, body, payload, self.keys is not None), model, woken=False)
+
+    def admit(self, client: ClientConnection, request: Request, model: str, woken: bool) -> None:
+        """Forward `request` to a replica with room; else it waits its turn, or is refused when too many
+        wait already. `woken`: it waited, and a replica finished a request since."""
+        if client.transport is None:  # the client left while it waited: its turn goes to the next one
+            self.admission.released(model)
+            return
+        replicas = self.table.replicas(model)
+        if not replicas:  # every replica went away while it waited
+            client.reply(503, error_body(503, f"no replica of model {model!r} is reachable", code="model_unavailable"))
+            return
+        room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
+        if room:
+            self.forward(client, self.policy.choose(room, request.payload), request, retries=1)
+        elif not self.admission.wait(model, lambda: self.admit(client, request, model, woken=True), first=woken):
+            if self.metrics is not None:
+                self.metrics.rejected.labels(model).inc()
+            limits = self.admission.limits_of(model)
+            message = (
+                f"model {model!r} is at capacity ({limits.max_ongoing_requests} requests per replica, "
+                f"{limits.max_queued_requests} waiting); retry shortly"
+            )
+            client.reply(429, error_body(429, message, code="rate_limit_exceeded"), retry_after_s=RETRY_AFTER_S)
 
     def pick(self, model: str, request: dict) -> Upstream | None:
         replicas = self.table.replicas(model)
@@ -148,7 +181,8 @@ class Router:
     def forward(self, client: ClientConnection, upstream: Upstream, request: Request, retries: int) -> None:
         """Send `request` to `upstream`; with `retries` left, to another replica of the model if `upstream`
         cannot be reached."""
-        lease = Lease(upstream)
+        client.replica = upstream.replica_id
+        lease = Lease(upstream, self.admission.released)
         wire = request.to(upstream)
         connection = upstream.take_idle()
         if connection is not None:
@@ -199,6 +233,17 @@ class Request:
     def to(self, upstream: Upstream) -> bytes:
         """The bytes sent to this replica's engine (with its key)."""
         return forwarded_request(self.method, self.url, self.headers, self.body, upstream.api_key, self.endpoint_key)
+
+
+def request_id(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The request's id, the client's `x-request-id` if it sent a usable one, and the headers that carry it
+    to the engine (vLLM takes it as its own request id, so the engine's log lines carry it too)."""
+    given = next((value for name, value in headers if name.lower() == b"x-request-id"), b"")
+    if REQUEST_ID.fullmatch(given):
+        return given, headers
+    generated = uuid.uuid4().hex.encode()
+    kept = [(name, value) for name, value in headers if name.lower() != b"x-request-id"]
+    return generated, [*kept, (b"x-request-id", generated)]
 
 
 def parse_upstream(text: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -53,10 +53,12 @@ class Upstream:
 
 
 class Lease:
-    """A request's place in a replica's count of requests in flight: taken once, given back exactly once."""
+    """A request's place in a replica's count of requests in flight: taken once, given back exactly once
+    (then `on_release(model)` hears of it: a waiting request may go)."""
 
-    def __init__(self, upstream: Upstream):
+    def __init__(self, upstream: Upstream, on_release: Callable[[str], None] | None = None):
         self.upstream = upstream
+        self.on_release = on_release
         self.held = True
         upstream.in_flight += 1
 
@@ -64,6 +66,8 @@ class Lease:
         if self.held:
             self.held = False
             self.upstream.in_flight -= 1
+            if self.on_release is not None:
+                self.on_release(self.upstream.model)
 
 
 class RouteTable:
@@ -73,6 +77,8 @@ class RouteTable:
         self.expected_models = list(expected_models)
         self.upstreams: dict[str, list[Upstream]] = {}
         self.cards: dict[str, dict] = {}
+        # Told the model whose replicas came or went (the router's queues wake who can go now).
+        self.on_change: Callable[[str, list[Upstream]], None] = lambda model, replicas: None
 
     def register(
         self, model: str, url: str, replica_id: str, card: dict | None = None, api_key: str | None = None
@@ -90,23 +96,26 @@ class RouteTable:
         else:
             replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id, api_key))
             logger.info("model %s: replica %s at %s", model, replica_id, url)
+            self.on_change(model, replicas)
         if card:
             self.cards[model] = card
 
     def deregister(self, replica_id: str) -> None:
-        for replicas in self.upstreams.values():
+        for model, replicas in self.upstreams.items():
             for upstream in [u for u in replicas if u.replica_id == replica_id]:
                 replicas.remove(upstream)
                 upstream.close_idle()
+                self.on_change(model, replicas)
 
     def expire(self, older_than: float) -> None:
         """Forget replicas whose last heartbeat is older than `older_than` seconds."""
         cutoff = time.monotonic() - older_than
-        for replicas in self.upstreams.values():
+        for model, replicas in self.upstreams.items():
             for upstream in [u for u in replicas if u.last_seen < cutoff]:
                 logger.warning("model %s: replica %s stopped answering; removed", upstream.model, upstream.replica_id)
                 replicas.remove(upstream)
                 upstream.close_idle()
+                self.on_change(model, replicas)
 
     def replicas(self, model: str) -> list[Upstream]:
         return self.upstreams.get(model) or []

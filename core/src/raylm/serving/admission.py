@@ -1,0 +1,86 @@
+"""Backpressure: how many requests a model's replicas take at once, and how many may wait for them.
+
+A replica takes at most `max_ongoing_requests` at a time; when every replica of a model is that
+busy, a request waits in the model's queue, in order of arrival, until a replica finishes one;
+past `max_queued_requests` waiting, it is refused at once (429 with Retry-After) instead of
+piling up in front of engines that cannot keep up. Touched only on the router's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from raylm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raylm.serving.routes import Upstream
+
+# The engines batch requests themselves (vLLM: up to --max-num-seqs, 256 or more on a GPU), so the
+# defaults leave batching to them and only bound what a burst can pile up.
+DEFAULT_MAX_ONGOING_REQUESTS = 256
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One model's limits: requests in flight per replica, and requests waiting for the whole model."""
+
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_ongoing_requests, int) or self.max_ongoing_requests < 1:
+            raise ConfigError(f"max_ongoing_requests must be a whole number >= 1, got {self.max_ongoing_requests!r}")
+        if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0:
+            raise ConfigError(f"max_queued_requests must be a whole number >= 0, got {self.max_queued_requests!r}")
+
+
+class Admission:
+    """The queue of each model, and which of its replicas have room."""
+
+    def __init__(self, limits: Mapping[str, Limits] | None = None):
+        self.limits = dict(limits or {})
+        self.queues: dict[str, deque[Callable[[], None]]] = {}
+
+    def limits_of(self, model: str) -> Limits:
+        return self.limits.get(model) or Limits()
+
+    def with_room(self, model: str, replicas: list[Upstream]) -> list[Upstream]:
+        """The replicas that may take one more request now."""
+        limit = self.limits_of(model).max_ongoing_requests
+        return [upstream for upstream in replicas if upstream.in_flight < limit]
+
+    def wait(self, model: str, resume: Callable[[], None], first: bool = False) -> bool:
+        """Queue `resume` to be called when a replica of `model` has room; False when the queue is full.
+        `first`: a request that was woken but lost its place again goes back to the front."""
+        queue = self.queues.setdefault(model, deque())
+        if first:
+            queue.appendleft(resume)
+            return True
+        if len(queue) >= self.limits_of(model).max_queued_requests:
+            return False
+        queue.append(resume)
+        return True
+
+    def released(self, model: str, count: int = 1) -> None:
+        """A replica of `model` finished a request (or `count` places opened): the first waiting ones go,
+        in order (soon, not within the release: a woken request whose client left passes its turn on,
+        and so on, without recursion)."""
+        queue = self.queues.get(model)
+        loop = asyncio.get_running_loop()
+        for _ in range(min(count, len(queue or ()))):
+            loop.call_soon(queue.popleft())
+
+    def replicas_changed(self, model: str, replicas: list[Upstream]) -> None:
+        """Replicas came or went: as many waiting requests go as there are places now (all of them when no
+        replica is left, to be told so)."""
+        limit = self.limits_of(model).max_ongoing_requests
+        places = sum(max(0, limit - upstream.in_flight) for upstream in replicas)
+        self.released(model, places if replicas else self.depth(model))
+
+    def depth(self, model: str) -> int:
+        return len(self.queues.get(model) or ())
