@@ -84,6 +84,10 @@ class FakeApps:
         if self.fail_waiting:
             raise DeploymentError(self.fail_waiting)
 
+    def drain(self, router_app, timeout_s, progress):
+        if timeout_s > 0 and router_app in self.deployed.get(self.address, []):
+            CALLS.append(("drain", router_app))
+
     def delete(self, apps, progress):
         present = [app for app in apps if app in self.deployed.get(self.address, [])]
         for app in present:
@@ -138,12 +142,13 @@ def test_serving_starts_the_cluster_deploys_and_remembers_it(registry):
     assert record.owns_cluster and record.apps == ("raylm-orch-router", "raylm-orch-small")
 
 
-def test_stopping_deletes_models_then_the_router_and_the_cluster_it_started(registry):
+def test_stopping_drains_then_deletes_models_then_the_router_and_the_cluster_it_started(registry):
     serve(registry, plan())
     CALLS.clear()
     assert stop(registry, "orch") == ["orch"]
     assert CALLS == [
         ("connect", "127.0.0.1:4"),
+        ("drain", "raylm-orch-router"),
         ("delete", ("raylm-orch-small",)),
         ("delete", ("raylm-orch-router",)),
         ("close", "127.0.0.1:4"),

@@ -27,6 +27,7 @@ from raylm.net import free_port
 from raylm.serving import keys, relay, routes
 from raylm.serving.admission import Limits
 from raylm.serving.router_thread import RouterThread
+from raylm.waiting import wait_until
 
 
 class FakeEngine:
@@ -527,3 +528,25 @@ def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engin
     assert lines[0].endswith(" replica=b1")
     assert lines[1].startswith(f"{made} /v1/completions model=beta status=200")
     assert lines[3].startswith("client-8 /v1/completions model=(unknown) status=404 first_byte_ms=- ")
+
+
+def test_a_draining_router_finishes_what_it_took_and_refuses_the_rest(router):
+    with ThreadPoolExecutor(1) as pool:
+        taken = pool.submit(post, router, {"model": "alpha", "stream": True, "chunks": 10, "delay": 0.2})
+        wait_until(
+            lambda: router.call(router.router.unfinished) == 1,
+            timeout_s=5,
+            poll_s=0.05,
+            on_timeout=lambda: AssertionError("the stream is taken"),
+        )
+
+        def drain():
+            router.router.draining = True
+
+        router.call(drain)
+        refused = post(router, {"model": "alpha"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        assert refused.headers["retry-after"] == "1"
+        assert httpx.get(f"{router.url}/ready").json() == {"status": "draining"}
+        assert taken.result(timeout=10).text.endswith("data: [DONE]\n\n"), "the stream taken before ends whole"
+    assert router.call(router.router.unfinished) == 0

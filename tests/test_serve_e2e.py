@@ -69,8 +69,13 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
         "headers": bearer(key),
     }
 
+    streams = Streams(f"http://127.0.0.1:{port}", bearer(key))  # streams all along the stop
     stopped = run_cli("stop", "e2e", env=env)
+    outcomes = streams.stop()
     assert stopped.returncode == 0, stopped.stderr
+    assert "draining: new requests get 503, those taken finish" in stopped.stderr
+    assert "cut" not in outcomes, f"a stream was cut by the stop: {outcomes}"
+    assert "whole" in outcomes and "shutting_down" in outcomes, outcomes
     assert "did not stop" not in stopped.stderr, "Ray's processes had to be killed"
     assert leftovers(ray_temp_dir, "e2e", "tiny-e2e", "minilm-e2e") == []
     assert_port_free(port)
@@ -307,6 +312,40 @@ def living(processes):
         except psutil.NoSuchProcess:
             continue
     return found
+
+
+class Streams:
+    """Streamed completions one after another from a thread; each outcome is `whole` (ended with [DONE]),
+    `cut` (began, did not end), the error code of a refusal, or `unreachable`."""
+
+    def __init__(self, url, headers):
+        self.url, self.headers, self.outcomes, self.stopped = url, headers, [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        request = {"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 64, "ignore_eos": True, "stream": True}
+        while not self.stopped.is_set():
+            began = False
+            try:
+                with httpx.stream(
+                    "POST", f"{self.url}/v1/completions", json=request, headers=self.headers, timeout=60
+                ) as response:
+                    if response.status_code != 200:
+                        self.outcomes.append(json.loads(response.read())["error"]["code"])
+                        time.sleep(0.1)
+                        continue
+                    began = True
+                    body = "".join(response.iter_text())
+                self.outcomes.append("whole" if body.rstrip().endswith("data: [DONE]") else "cut")
+            except httpx.HTTPError:
+                self.outcomes.append("cut" if began else "unreachable")
+                time.sleep(0.1)
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=90)
+        return self.outcomes
 
 
 class Traffic:

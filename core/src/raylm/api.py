@@ -33,6 +33,7 @@ from raylm.serving.keys import endpoint_key_file, key_file_from_environment
 from raylm.waiting import wait_until
 
 READY_TIMEOUT_S = 1800
+DRAIN_TIMEOUT_S = 30.0  # how long `stop` lets requests already taken finish
 PORT_RELEASE_TIMEOUT_S = 15
 # How the orchestration reaches a cluster's Serve applications: (address, environment) -> apps.
 AppsFactory = Callable[[str, Mapping[str, str]], RayServeApps]
@@ -147,7 +148,7 @@ def serve(
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
-        stop(plan.name, progress=progress, registry=registry, apps=apps)
+        stop(plan.name, progress=progress, registry=registry, apps=apps, drain_timeout_s=0)  # nothing served yet
         raise
     progress(f"serving {', '.join(record.models)} at {url}/v1")
     return Deployment(name=plan.name, url=url, models=record.models)
@@ -240,16 +241,19 @@ def stop(
     progress: Progress = _stderr,
     registry: Registry | None = None,
     apps: AppsFactory = RayServeApps,
+    drain_timeout_s: float = DRAIN_TIMEOUT_S,
 ) -> list[str]:
-    """Stop a deployment (all of them when `name` is None): its models, its router, and a cluster it started."""
+    """Stop a deployment (all of them when `name` is None): its router takes no new requests and finishes
+    those it took (for up to `drain_timeout_s`), then its models, its router, and a cluster it started."""
     registry = registry or get_registry()
     if name is None:
-        return _stop_all(progress, registry, apps)
+        return _stop_all(progress, registry, apps, drain_timeout_s)
     record = _record(name)
     backend = make_backend(record.backend, record.backend_options, registry)
     if backend.status() is not None:
         running = apps(record.address, backend.client_environment())
         try:
+            running.drain(record.router_app, drain_timeout_s, progress)
             # Models first and together (each replica stops its engine), so they can deregister from the router.
             running.delete(record.model_apps, progress)
             running.delete([record.router_app], progress)
@@ -271,12 +275,12 @@ def stop(
     return [name]
 
 
-def _stop_all(progress: Progress, registry: Registry, apps: AppsFactory) -> list[str]:
+def _stop_all(progress: Progress, registry: Registry, apps: AppsFactory, drain_timeout_s: float) -> list[str]:
     """Stop every deployment; one that cannot be stopped does not keep the others running."""
     stopped, failed = [], []
     for name in DEPLOYMENTS.names():
         try:
-            stopped += stop(name, progress=progress, registry=registry, apps=apps)
+            stopped += stop(name, progress=progress, registry=registry, apps=apps, drain_timeout_s=drain_timeout_s)
         except RaylmError as exc:
             progress(f"could not stop {name}: {exc}")
             failed.append(name)

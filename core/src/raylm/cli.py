@@ -239,11 +239,17 @@ def status_command(name: str | None, as_json: bool) -> None:
 
 @cli.command("stop")
 @click.argument("name", required=False)
-def stop_command(name: str | None) -> None:
+@click.option(
+    "--drain-timeout",
+    type=float,
+    help="Seconds the requests already taken may take to finish, new ones getting 503 (default 30); 0: cut them.",
+)
+def stop_command(name: str | None, drain_timeout: float | None) -> None:
     """Stop a deployment (all, without NAME): its models, router, and any cluster it started."""
-    from raylm.api import stop
+    from raylm.api import DRAIN_TIMEOUT_S, stop
 
-    if not stop(name, progress=echo_progress):
+    drain_timeout_s = DRAIN_TIMEOUT_S if drain_timeout is None else drain_timeout
+    if not stop(name, progress=echo_progress, drain_timeout_s=drain_timeout_s):
         click.echo("no deployments running")
 
 

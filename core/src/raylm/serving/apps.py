@@ -141,6 +141,21 @@ class RayServeApps:
             on_timeout=lambda: DeploymentError(f"not ready after {timeout_s:.0f}s: {', '.join(waiting)}"),
         )
 
+    def drain(self, router_app: str, timeout_s: float, progress: Progress) -> None:
+        """Let the router finish the requests it took, taking no new ones, for up to `timeout_s`."""
+        serve = _serve()
+        if timeout_s <= 0 or not self.present([router_app]):
+            return
+        progress("draining: new requests get 503, those taken finish")
+        router = serve.get_deployment_handle("RouterReplica", app_name=router_app)
+        try:
+            unfinished = router.drain.remote(timeout_s).result(timeout_s=timeout_s + 30)
+        except Exception as exc:  # a router that is gone or broken has nothing to drain
+            progress(f"the router could not drain ({type(exc).__name__}); stopping anyway")
+            return
+        if unfinished:
+            progress(f"{unfinished} request(s) still unfinished after {timeout_s:g}s; stopping them")
+
     def delete(self, apps: Sequence[str], progress: Progress) -> None:
         """Delete these apps together and wait until Serve has."""
         serve = _serve()

@@ -49,6 +49,21 @@ class RouterReplica:
     def deregister(self, replica_id: str) -> None:
         self.router.call(self.router.table.deregister, replica_id)
 
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests; return once those taken are answered, or after `timeout_s` with how many
+        are not."""
+
+        def start_draining() -> int:
+            self.router.router.draining = True
+            return self.router.router.unfinished()
+
+        unfinished = await asyncio.to_thread(self.router.call, start_draining)
+        deadline = time.monotonic() + timeout_s
+        while unfinished and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            unfinished = await asyncio.to_thread(self.router.call, self.router.router.unfinished)
+        return unfinished
+
     def check_health(self) -> None:
         if not self.router.is_alive():
             raise RuntimeError("the router thread has stopped")

@@ -58,6 +58,7 @@ class Router:
         self.policy = policy or LeastInFlight()
         self.admission = Admission(limits)
         table.on_change = self.admission.replicas_changed
+        self.draining = False  # stopping: requests already taken finish, new ones get 503
         self.metrics = RouterMetrics(table, self.admission) if metrics else None
         self.keys = keys  # with keys, every /v1 route and /metrics need one of them
         self.connections: set[ClientConnection] = set()
@@ -110,7 +111,9 @@ class Router:
 
     def ready(self, client: ClientConnection, *_) -> None:
         pending = self.table.pending_models()
-        if pending:
+        if self.draining:
+            client.reply(503, {"status": "draining"})
+        elif pending:
             client.reply(503, {"status": "starting", "pending_models": pending})
         else:
             client.reply(200, {"status": "ready", "models": self.table.model_names()})
@@ -141,6 +144,10 @@ class Router:
         client.route, client.model = url.split(b"?", 1)[0].decode("latin-1"), model if known else "(unknown)"
         if not isinstance(model, str) or not model:
             client.reply(400, error_body(400, "the request needs a `model` field naming a served model", param="model"))
+            return
+        if self.draining:
+            message = "the endpoint is shutting down; retry on another endpoint or later"
+            client.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
             return
         if not self.table.replicas(model):
             if model in self.table.expected_models:
@@ -173,6 +180,11 @@ class Router:
                 f"{limits.max_queued_requests} waiting); retry shortly"
             )
             client.reply(429, error_body(429, message, code="rate_limit_exceeded"), retry_after_s=RETRY_AFTER_S)
+
+    def unfinished(self) -> int:
+        """Requests taken and not yet answered: in flight on a replica, or waiting for one."""
+        models = self.table.model_names()
+        return sum(u.in_flight for m in models for u in self.table.replicas(m)) + sum(map(self.admission.depth, models))
 
     def pick(self, model: str, request: dict) -> Upstream | None:
         replicas = self.table.replicas(model)
