@@ -550,3 +550,20 @@ def test_a_draining_router_finishes_what_it_took_and_refuses_the_rest(router):
         assert httpx.get(f"{router.url}/ready").json() == {"status": "draining"}
         assert taken.result(timeout=10).text.endswith("data: [DONE]\n\n"), "the stream taken before ends whole"
     assert router.call(router.router.unfinished) == 0
+
+
+def test_a_retiring_replica_finishes_its_requests_and_gets_no_new_ones(router):
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(post, router, {"model": "alpha", "stream": True, "chunks": 8, "delay": 0.2})
+        wait_until(
+            lambda: router.call(router.router.unfinished) == 1,
+            timeout_s=5,
+            poll_s=0.05,
+            on_timeout=lambda: AssertionError("the stream is taken"),
+        )
+        (busy,) = [u.replica_id for u in router.table.replicas("alpha") if u.in_flight]
+        assert router.call(router.table.retire, busy) == 1
+        others = {post(router, {"model": "alpha"}).json()["served_by"] for _ in range(4)}
+        assert others == {"a1", "a2"} - {busy}, "no new request for a retiring replica"
+        assert stream.result(timeout=10).text.endswith("data: [DONE]\n\n")
+    assert router.call(router.table.retire, busy) == 0

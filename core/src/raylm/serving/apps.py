@@ -78,7 +78,7 @@ class RayServeApps:
 
     def deploy_models(self, plan: ServePlan, engines: Sequence[Engine], progress: Progress) -> None:
         """Start one app per model, without waiting for them; their replicas register with the router."""
-        from raylm.serving.replicas import ModelReplica
+        from raylm.serving.replicas import REPLICA_DRAIN_S, ModelReplica
 
         serve = _serve()
         targets = []
@@ -101,7 +101,7 @@ class RayServeApps:
                 placement_group_strategy=resources.strategy if resources.bundles else None,
                 health_check_period_s=10,
                 health_check_timeout_s=30,
-                graceful_shutdown_timeout_s=30,
+                graceful_shutdown_timeout_s=REPLICA_DRAIN_S + 30,  # its requests finish, then its engine stops
                 # A replica that fails to start fails the deployment at once, with its error; no slow retries.
                 max_constructor_retry_count=model.replicas,
             ).bind(model, type(engine), app_name(plan.name, "router"))

@@ -92,9 +92,9 @@ class _InFlight:
             "raylm_queued_requests", "Requests waiting for a replica with room, by model", labels=["model"]
         )
         for model in self.table.model_names():
-            upstreams = self.table.replicas(model)
+            upstreams = self.table.upstreams.get(model) or []  # retiring ones too: their requests still run
             per_model.add_metric([model], sum(u.in_flight for u in upstreams))
-            replicas.add_metric([model], len(upstreams))
+            replicas.add_metric([model], len(self.table.replicas(model)))
             queued.add_metric([model], self.admission.depth(model))
             for upstream in upstreams:
                 per_replica.add_metric([model, upstream.replica_id], upstream.in_flight)

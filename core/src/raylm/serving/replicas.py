@@ -28,6 +28,9 @@ HEARTBEAT_SECONDS = 5.0
 # A replica that missed this many seconds of heartbeats is dropped from routing.
 EXPIRY_SECONDS = 4 * HEARTBEAT_SECONDS
 HEAD_NODE_RESOURCE = "node:__internal_head__"
+# How long a replica that Serve removes lets its requests finish before its engine stops (Serve's
+# graceful_shutdown_timeout_s for model replicas leaves room for this and the engine's own stop).
+REPLICA_DRAIN_S = 30.0
 
 
 class RouterReplica:
@@ -48,6 +51,9 @@ class RouterReplica:
 
     def deregister(self, replica_id: str) -> None:
         self.router.call(self.router.table.deregister, replica_id)
+
+    def retire(self, replica_id: str) -> int:
+        return self.router.call(self.router.table.retire, replica_id)
 
     async def drain(self, timeout_s: float) -> int:
         """Take no new requests; return once those taken are answered, or after `timeout_s` with how many
@@ -127,10 +133,21 @@ class ModelReplica:
         if heartbeat is not None:
             heartbeat.cancel()
             try:
+                await self._drain()
                 await asyncio.wait_for(self.router.deregister.remote(self.replica_id), timeout=5)
             except Exception as exc:  # the router may already be gone
                 logger.info("model %s: could not deregister: %s", self.deployment.name, exc)
         await self.engine.stop()
+
+    async def _drain(self) -> None:
+        """Serve removes this replica (a scale-down, a replacement, a stop): the router gives it no new
+        requests, and the engine stops once those it has are answered (or after REPLICA_DRAIN_S)."""
+        deadline = time.monotonic() + REPLICA_DRAIN_S
+        while (left := await asyncio.wait_for(self.router.retire.remote(self.replica_id), timeout=5)) > 0:
+            if time.monotonic() > deadline:
+                logger.warning("model %s: stopping with %d request(s) unfinished", self.deployment.name, left)
+                return
+            await asyncio.sleep(0.2)
 
 
 def _model_card(url: str, name: str, api_key: str | None) -> dict | None:

@@ -183,8 +183,7 @@ class Router:
 
     def unfinished(self) -> int:
         """Requests taken and not yet answered: in flight on a replica, or waiting for one."""
-        models = self.table.model_names()
-        return sum(u.in_flight for m in models for u in self.table.replicas(m)) + sum(map(self.admission.depth, models))
+        return self.table.in_flight() + sum(map(self.admission.depth, self.table.model_names()))
 
     def pick(self, model: str, request: dict) -> Upstream | None:
         replicas = self.table.replicas(model)

@@ -30,6 +30,7 @@ class Upstream:
     replica_id: str
     api_key: str | None = None  # the key its engine server requires (each replica has its own)
     in_flight: int = 0
+    retiring: bool = False  # going away: finishes its requests, is given no new ones
     last_seen: float = field(default_factory=time.monotonic)
     idle: list[UpstreamConnection] = field(default_factory=list)
 
@@ -117,8 +118,19 @@ class RouteTable:
                 upstream.close_idle()
                 self.on_change(model, replicas)
 
+    def retire(self, replica_id: str) -> int:
+        """Give the replica no new requests (it is going away); how many it still has in flight."""
+        retiring = [u for replicas in self.upstreams.values() for u in replicas if u.replica_id == replica_id]
+        for upstream in retiring:
+            upstream.retiring = True
+        return sum(upstream.in_flight for upstream in retiring)
+
     def replicas(self, model: str) -> list[Upstream]:
-        return self.upstreams.get(model) or []
+        """The replicas new requests for `model` may go to."""
+        return [upstream for upstream in self.upstreams.get(model) or () if not upstream.retiring]
+
+    def in_flight(self) -> int:
+        return sum(upstream.in_flight for replicas in self.upstreams.values() for upstream in replicas)
 
     def close(self) -> None:
         for replicas in self.upstreams.values():
@@ -129,13 +141,13 @@ class RouteTable:
         return sorted(set(self.expected_models) | {m for m, r in self.upstreams.items() if r})
 
     def pending_models(self) -> list[str]:
-        return [m for m in self.expected_models if not self.upstreams.get(m)]
+        return [m for m in self.expected_models if not self.replicas(m)]
 
     def models_payload(self) -> dict:
         data = []
         for name in self.model_names():
             card = dict(self.cards.get(name) or {"id": name, "object": "model", "created": 0})
             card["owned_by"] = "raylm"
-            card["replicas"] = len(self.upstreams.get(name, ()))  # raylm's addition: replicas routed to now
+            card["replicas"] = len(self.replicas(name))  # raylm's addition: replicas routed to now
             data.append(card)
         return {"object": "list", "data": data}
