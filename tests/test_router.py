@@ -525,7 +525,7 @@ def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engin
     assert refused.status_code == 404 and refused.headers["x-request-id"] == "client-8"
     lines = [record.getMessage() for record in caplog.records if record.name == "raylm.access"]
     assert lines[0].startswith("client-7 /v1/completions model=beta status=200 first_byte_ms=")
-    assert lines[0].endswith(" replica=b1")
+    assert lines[0].endswith(" replica=b1") and int(lines[0].split(" bytes=")[1].split()[0]) > len(mine.content)
     assert lines[1].startswith(f"{made} /v1/completions model=beta status=200")
     assert lines[3].startswith("client-8 /v1/completions model=(unknown) status=404 first_byte_ms=- ")
 
@@ -567,3 +567,34 @@ def test_a_retiring_replica_finishes_its_requests_and_gets_no_new_ones(router):
         assert others == {"a1", "a2"} - {busy}, "no new request for a retiring replica"
         assert stream.result(timeout=10).text.endswith("data: [DONE]\n\n")
     assert router.call(router.table.retire, busy) == 0
+
+
+def test_a_waiting_request_whose_client_hangs_up_leaves_the_queue(engines):
+    def depth():
+        return router.call(router.router.admission.depth, "beta")
+
+    def soon(condition, what):
+        wait_until(condition, timeout_s=5, poll_s=0.05, on_timeout=lambda: AssertionError(what))
+
+    with Routing(["beta"], limits={"beta": Limits(max_ongoing_requests=1, max_queued_requests=1)}) as router:
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        with ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(post, router, {"model": "beta", "stream": True, "chunks": 10, "delay": 0.25})
+            soon(lambda: router.call(router.router.unfinished) == 1, "b1 is busy")
+            body = json.dumps({"model": "beta"}).encode()
+            with socket.create_connection(("127.0.0.1", router.port)) as leaving:
+                leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body))
+                leaving.sendall(body)
+                soon(lambda: depth() == 1, "the request waits")
+            soon(lambda: depth() == 0, "a request whose client hung up leaves the queue")
+            waiting = pool.submit(post, router, {"model": "beta"})
+            assert waiting.result(timeout=10).status_code == 200, "its place in the queue was free: no 429"
+            assert busy.result(timeout=10).status_code == 200
+
+
+def test_the_access_log_can_be_off(engines, caplog):
+    caplog.set_level("INFO", logger="raylm.access")
+    with Routing(["beta"], access_log=False) as router:
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        assert post(router, {"model": "beta"}).status_code == 200
+    assert not [record for record in caplog.records if record.name == "raylm.access"]

@@ -69,13 +69,13 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
         "headers": bearer(key),
     }
 
-    streams = Streams(f"http://127.0.0.1:{port}", bearer(key))  # streams all along the stop
+    streams = Streams(f"http://127.0.0.1:{port}", bearer(key), count=8)  # 8 streams at a time, all along the stop
     stopped = run_cli("stop", "e2e", env=env)
     outcomes = streams.stop()
     assert stopped.returncode == 0, stopped.stderr
     assert "draining: new requests get 503, those taken finish" in stopped.stderr
     assert "cut" not in outcomes, f"a stream was cut by the stop: {outcomes}"
-    assert "whole" in outcomes and "shutting_down" in outcomes, outcomes
+    assert outcomes.count("whole") >= 8 and "shutting_down" in outcomes, outcomes
     assert "did not stop" not in stopped.stderr, "Ray's processes had to be killed"
     assert leftovers(ray_temp_dir, "e2e", "tiny-e2e", "minilm-e2e") == []
     assert_port_free(port)
@@ -315,13 +315,14 @@ def living(processes):
 
 
 class Streams:
-    """Streamed completions one after another from a thread; each outcome is `whole` (ended with [DONE]),
-    `cut` (began, did not end), the error code of a refusal, or `unreachable`."""
+    """Streamed completions one after another from each of `count` threads; each outcome is `whole` (ended
+    with [DONE]), `cut` (began, did not end), the error code of a refusal, or `unreachable`."""
 
-    def __init__(self, url, headers):
+    def __init__(self, url, headers, count):
         self.url, self.headers, self.outcomes, self.stopped = url, headers, [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
 
     def _run(self):
         request = {"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 64, "ignore_eos": True, "stream": True}
@@ -344,7 +345,8 @@ class Streams:
 
     def stop(self):
         self.stopped.set()
-        self.thread.join(timeout=90)
+        for thread in self.threads:
+            thread.join(timeout=90)
         return self.outcomes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import signal
@@ -104,6 +105,7 @@ def _deployment_name(model_name: str) -> str:
 @click.option(
     "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
 )
+@click.option("--no-access-log", is_flag=True, help="No line per request in the router's log.")
 @click.option("--detach", is_flag=True, help="Return once serving; stop later with `raylm stop NAME`.")
 @click.option("--replace", is_flag=True, help="Stop a running deployment of the same name first.")
 def serve_command(
@@ -122,6 +124,7 @@ def serve_command(
     api_key_file: str | None,
     python_path: str | None,
     env_pairs: tuple[str, ...],
+    no_access_log: bool,
     detach: bool,
     replace: bool,
     **kwargs: Any,
@@ -144,14 +147,12 @@ def serve_command(
         if model or engine_args:
             raise click.UsageError("give either MODEL with its options or -f FILE, not both")
         plan = load_plan_file(plan_file)
-        plan = ServePlan(
-            models=plan.models,
-            name=plan.name,
-            host=plan.host,
-            port=plan.port,
+        plan = dataclasses.replace(  # what the command line says wins over the file
+            plan,
             backend=backend or plan.backend,
             backend_options={**plan.backend_options, **backend_options},
             api_key_file=api_key_file or plan.api_key_file,
+            access_log=plan.access_log and not no_access_log,
         )
     else:
         if not model:
@@ -178,6 +179,7 @@ def serve_command(
             backend=backend,
             backend_options=backend_options,
             api_key_file=api_key_file,
+            access_log=not no_access_log,
         )
     _interrupt_on_stop_signals()
     running = serve(plan, progress=echo_progress, registry=registry, replace=replace)

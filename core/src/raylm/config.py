@@ -48,6 +48,7 @@ class ServePlan:
     backend: str | None = None
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     api_key_file: str | None = None  # the endpoint's keys, one per line; None: the endpoint is open
+    access_log: bool = True  # a line per model request in the router's log
 
     def __post_init__(self) -> None:
         if not DEPLOYMENT_NAME.match(self.name):
@@ -129,7 +130,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
     _reject_unknown(document, {"name", "cluster", "server", "models"}, str(path))
     server = document.get("server") or {}
     cluster = dict(document.get("cluster") or {})
-    _reject_unknown(server, {"host", "port", "api_key_file"}, f"{path}: server")
+    _reject_unknown(server, {"host", "port", "api_key_file", "access_log"}, f"{path}: server")
     models = document.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: `models` must be a non-empty list")
@@ -150,6 +151,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
         backend=cluster.pop("backend", None),
         backend_options=cluster,
         api_key_file=str(path.parent / server["api_key_file"]) if server.get("api_key_file") else None,
+        access_log=bool(server.get("access_log", True)),
     )
 
 

@@ -66,6 +66,12 @@ class Admission:
         queue.append(resume)
         return True
 
+    def leave(self, model: str, resume: Callable[[], None]) -> None:
+        """A waiting request's client hung up: it leaves the queue."""
+        queue = self.queues.get(model)
+        if queue and resume in queue:
+            queue.remove(resume)
+
     def released(self, model: str, count: int = 1) -> None:
         """A replica of `model` finished a request (or `count` places opened): the first waiting ones go,
         in order (soon, not within the release: a woken request whose client left passes its turn on,

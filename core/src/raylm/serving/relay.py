@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -62,6 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.first_byte_at = time.monotonic()
         if self.piping:
             client.transport.write(data)
+            client.sent += len(data)
         else:
             self.held += data
         try:
@@ -84,7 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 400:
             self.piping = True
-            self.client.transport.write(with_header(bytes(self.held), b"x-request-id", self.client.request_id))
+            self.client.send_raw(with_header(bytes(self.held), b"x-request-id", self.client.request_id))
             self.held.clear()
         else:
             self.error_body = bytearray()
@@ -99,9 +101,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.error_body is not None:
             payload = openai_error(status, bytes(self.error_body))
             if payload is None:
-                client.transport.write(with_header(bytes(self.held), b"x-request-id", client.request_id))
+                client.send_raw(with_header(bytes(self.held), b"x-request-id", client.request_id))
             else:
-                client.transport.write(http_response(status, payload, headers=client.response_headers()))
+                client.send_raw(http_response(status, payload, headers=client.response_headers()))
         client.answered(status, self.first_byte_at)
         self.first_byte_at = None
         keep_alive = self.parser.should_keep_alive()
@@ -162,6 +164,8 @@ class ClientConnection(asyncio.Protocol):
         self.route = ""
         self.replica = ""
         self.arrived = 0.0
+        self.sent = 0  # bytes of the answer
+        self.waiting: tuple[str, Callable[[], None]] | None = None  # (model, resume) while in its queue
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -185,6 +189,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = None
         self.router.connections.discard(self)
         self.time_out_in(None, None)
+        if self.waiting is not None:  # it waited for a replica: it leaves the queue
+            self.router.admission.leave(*self.waiting)
+            self.waiting = None
         connection, self.upstream_connection = self.upstream_connection, None
         if connection is not None:
             # The client went away mid-response: closing the upstream makes the engine abort the request.
@@ -254,6 +261,7 @@ class ClientConnection(asyncio.Protocol):
         self.arrived = time.monotonic()
         self.model = self.route = self.replica = ""
         self.request_id = b""
+        self.sent = 0
         self.transport.pause_reading()
         self.router.dispatch(self, self.parser.get_method(), self.url, self.headers, bytes(self.body))
 
@@ -268,10 +276,14 @@ class ClientConnection(asyncio.Protocol):
             return
         keep_alive = self.keep_alive and not close
         headers = self.response_headers() + ([("retry-after", str(retry_after_s))] if retry_after_s else [])
-        self.transport.write(raw_response(status, content_type, body, keep_alive, headers))
+        self.send_raw(raw_response(status, content_type, body, keep_alive, headers))
         if self.route:
             self.answered(status, None)
         self.finish(keep_alive)
+
+    def send_raw(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.sent += len(data)
 
     def response_headers(self) -> list[tuple[str, str]]:
         return [("x-request-id", self.request_id.decode("latin-1"))] if self.request_id else []
@@ -286,11 +298,12 @@ class ClientConnection(asyncio.Protocol):
         first_byte = None if first_byte_at is None else first_byte_at - self.arrived
         if metrics is not None:
             metrics.answered(self.model, route, status, first_byte, total)
-        access_log.info(
-            "%s %s model=%s status=%d first_byte_ms=%s total_ms=%.1f replica=%s",
-            self.request_id.decode("latin-1"), route, self.model, status,
-            "-" if first_byte is None else f"{first_byte * 1000:.1f}", total * 1000, self.replica or "-",
-        )  # fmt: skip
+        if self.router.access_log:
+            access_log.info(
+                "%s %s model=%s status=%d first_byte_ms=%s total_ms=%.1f bytes=%d replica=%s",
+                self.request_id.decode("latin-1"), route, self.model, status,
+                "-" if first_byte is None else f"{first_byte * 1000:.1f}", total * 1000, self.sent, self.replica or "-",
+            )  # fmt: skip
 
     def finish(self, keep_alive: bool) -> None:
         if self.transport is None:

@@ -36,10 +36,12 @@ REPLICA_DRAIN_S = 30.0
 class RouterReplica:
     """The router of a deployment, on the head node; model replicas register with it."""
 
-    def __init__(self, host: str, port: int, models: dict[str, Limits], api_key_file: str | None = None):
+    def __init__(self, host: str, port: int, models: dict[str, Limits], api_key_file: str | None, access_log: bool):
         _log_where_serve_logs()
         keys = KeyFile(api_key_file) if api_key_file else None
-        self.router = RouterThread(models, expire_after_s=EXPIRY_SECONDS, keys=keys, limits=models)
+        self.router = RouterThread(
+            models, expire_after_s=EXPIRY_SECONDS, keys=keys, limits=models, access_log=access_log
+        )
         try:
             self.router.start(host, port)
         except OSError as exc:

@@ -53,12 +53,14 @@ class Router:
         metrics: bool = True,
         keys: KeyFile | None = None,
         limits: Mapping[str, Limits] | None = None,
+        access_log: bool = True,
     ):
         self.table = table
         self.policy = policy or LeastInFlight()
         self.admission = Admission(limits)
         table.on_change = self.admission.replicas_changed
         self.draining = False  # stopping: requests already taken finish, new ones get 503
+        self.access_log = access_log  # a line per model request in the `raylm.access` log
         self.metrics = RouterMetrics(table, self.admission) if metrics else None
         self.keys = keys  # with keys, every /v1 route and /metrics need one of them
         self.connections: set[ClientConnection] = set()
@@ -161,7 +163,7 @@ class Router:
     def admit(self, client: ClientConnection, request: Request, model: str, woken: bool) -> None:
         """Forward `request` to a replica with room; else it waits its turn, or is refused when too many
         wait already. `woken`: it waited, and a replica finished a request since."""
-        if client.transport is None:  # the client left while it waited: its turn goes to the next one
+        if client.transport is None:  # woken after its client hung up: the turn goes to the next one
             self.admission.released(model)
             return
         replicas = self.table.replicas(model)
@@ -169,9 +171,13 @@ class Router:
             client.reply(503, error_body(503, f"no replica of model {model!r} is reachable", code="model_unavailable"))
             return
         room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
+        client.waiting = None
         if room:
             self.forward(client, self.policy.choose(room, request.payload), request, retries=1)
-        elif not self.admission.wait(model, lambda: self.admit(client, request, model, woken=True), first=woken):
+            return
+        client.waiting = (model, lambda: self.admit(client, request, model, woken=True))
+        if not self.admission.wait(*client.waiting, first=woken):
+            client.waiting = None
             if self.metrics is not None:
                 self.metrics.rejected.labels(model).inc()
             limits = self.admission.limits_of(model)
@@ -264,13 +270,14 @@ def parse_upstream(text: str) -> tuple[str, str]:
     return model, url
 
 
-async def _serve_forever(host: str, port: int, upstreams: list[tuple[str, str]]) -> None:
-    table = RouteTable(expected_models=[m for m, _ in upstreams])
-    for index, (model, url) in enumerate(upstreams):
+async def _serve_forever(args: argparse.Namespace) -> None:
+    table = RouteTable(expected_models=[m for m, _ in args.upstream])
+    for index, (model, url) in enumerate(args.upstream):
         table.register(model, url, replica_id=f"static-{index}")
-    router = Router(table)
-    await router.start(host, port)
-    logger.info("routing on http://%s:%d", host, port)
+    keys = KeyFile(args.api_key_file) if args.api_key_file else None
+    router = Router(table, metrics=not args.no_metrics, keys=keys, access_log=not args.no_access_log)
+    await router.start(args.host, args.port)
+    logger.info("routing on http://%s:%d", args.host, args.port)
     await asyncio.Event().wait()
 
 
@@ -285,9 +292,12 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="MODEL=http://HOST:PORT of an OpenAI-compatible engine server (repeatable)",
     )
+    parser.add_argument("--api-key-file", help="the endpoint's API keys, one per line")
+    parser.add_argument("--no-metrics", action="store_true", help="no /metrics")
+    parser.add_argument("--no-access-log", action="store_true", help="no line per request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run(_serve_forever(args.host, args.port, args.upstream))
+    run(_serve_forever(args))
 
 
 def run(coroutine) -> None:
