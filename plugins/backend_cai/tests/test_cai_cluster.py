@@ -7,12 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 from cai_setup import API_KEY, RUNTIME, Console, session_path
 
 from raylm.engine import args_to_argv
-from raylm.net import free_port
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
@@ -81,13 +81,19 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     assert up.returncode == 0, up.stderr
     cluster = json.loads(up.stdout)
     assert (cluster["nodes_alive"], cluster["nodes_expected"]) == (3, 3)
-    assert cluster["dashboard_url"].startswith("http://raylm-main-head-")
+    head_ip = cluster["address"].rpartition(":")[0]
+    assert cluster["dashboard_url"] == f"http://{head_ip}:8265"
+    assert cluster["details"]["api_url"].startswith("http://raylm-main-head-")
     assert sorted(cluster["applications"]) == ["raylm-main-head", "raylm-main-worker-1", "raylm-main-worker-2"]
     assert all(app["bypass_authentication"] is False for app in cml.applications())
     assert "Ray reports 3 nodes alive" in up.stderr
 
     token_file = Path(session_env["HOME"]) / ".raylm/cai/main/token"
-    head_ip = cluster["address"].rpartition(":")[0]
+    # The head application's URL: CML's polling gets 200, the API says nothing serves yet.
+    front = cml.application_url("raylm-main-head")
+    assert httpx.get(f"{front}/").status_code == 200
+    nothing = httpx.get(f"{front}/v1/models")
+    assert nothing.status_code == 503 and nothing.json()["error"]["code"] == "no_deployment"
     node_ips = ray_node_ips(cluster["address"], session_env, token_file)
     assert len(set(node_ips)) == 3 and head_ip in node_ips and "127.0.0.1" not in node_ips
     refused = ray_node_ips(cluster["address"], session_env, token_file=None)
@@ -96,22 +102,28 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     again = console("cluster", "up", "--backend", "cai", "--cluster", "main", "--workers", "2", *SIZES, env=session_env)
     assert again.returncode == 0 and "creating application" not in again.stderr  # idempotent
 
-    port = free_port("127.0.0.1")
+    key_file = Path(session_env["HOME"]) / "endpoint.keys"  # on the project filesystem, which the head reads
+    key_file.write_text("sk-cai-endpoint\n")
     serve = ["serve", str(tiny_llama), "--name", "tiny", "--backend", "cai", "--cluster", "main"]
-    served = console(*serve, "--port", str(port), "--detach", *TINY_ARGS, env=session_env)
+    served = console(*serve, "--api-key-file", str(key_file), "--detach", *TINY_ARGS, env=session_env)
     assert served.returncode == 0, served.stderr
     url = served.stdout.strip().splitlines()[-1]
-    assert url == f"http://{head_ip}:{port}/v1"  # the router listens on the head node, at its cluster IP
+    assert url == f"http://{head_ip}:8000/v1"  # the router listens on the head node, at its cluster IP
     assert len(cml.applications()) == 3  # serving on the cluster kept its workers
 
-    from openai import OpenAI
+    from openai import AuthenticationError, OpenAI
 
-    client = OpenAI(base_url=url, api_key="unused")
-    assert [m.id for m in client.models.list().data] == ["tiny"]
-    completion = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
-    assert completion.usage.completion_tokens == 8
-    stream = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
-    assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+    # Inside the workspace at the head's IP, and at the head application's URL, through CML's ingress.
+    for base_url in (url, f"{front}/v1"):
+        client = OpenAI(base_url=base_url, api_key="sk-cai-endpoint", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        completion = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
+        assert completion.usage.completion_tokens == 8
+        stream = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{front}/").status_code == 200, "CML's polling still gets its answer"
 
     (engine,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ENGINE_SERVER]
     assert engine.nice() == 0, "Ray's default worker niceness (15) reached the engine on a CML node"

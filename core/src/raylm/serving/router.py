@@ -71,6 +71,8 @@ class Router:
         self.routes: dict[tuple[bytes, str], Handler] = {(b"POST", path): self.route_to_model for path in MODEL_ROUTES}
         for method in (b"GET", b"HEAD"):
             self.routes[(method, "/health")] = lambda client, *_: client.reply(200, {"status": "ok"})
+            # `/` too: what a platform polls by default (Cloudera ML's applications do).
+            self.routes[(method, "/")] = lambda client, *_: client.reply(200, {"status": "ok"})
             self.routes[(method, "/ready")] = self.ready
             self.routes[(method, "/v1/models")] = lambda client, *_: client.reply(200, self.table.models_payload())
             self.routes[(method, "/metrics")] = lambda client, *_: self.loop.create_task(self.serve_metrics(client))

@@ -20,7 +20,7 @@ from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.errors import ClusterError
 from raylm.waiting import StateChanges, wait_until
 from raylm_cai.client import CMLClient, CMLError, CMLSettings, inside_cml
-from raylm_cai.node import cluster_folder, ray_auth_environment, read_head_address
+from raylm_cai.node import DASHBOARD_PORT, cluster_folder, ray_auth_environment, read_head_address
 
 NODE_SCRIPT = ".raylm/cai/ray_node.py"
 NODE_SCRIPT_SOURCE = """\
@@ -257,12 +257,15 @@ class CAIBackend(Backend):
             backend="cai",
             name=self.cluster_name,
             address=address or "(known inside the project's CML sessions and jobs)",
-            dashboard_url=f"{scheme}://{head['subdomain']}.{domain}" if head else None,
+            # Ray's dashboard listens on the head's pod IP (the application's URL is the OpenAI endpoint).
+            dashboard_url=f"http://{address.rpartition(':')[0]}:{DASHBOARD_PORT}" if address else None,
             # An application runs only while its Ray node does (node.py answers CML's polling).
             nodes_alive=sum(1 for app in apps.values() if app["status"] == "APPLICATION_RUNNING"),
             nodes_expected=len(apps),
             details={
                 "project": self._project["name"],
+                # CML's ingress takes the head application's URL to its port: the deployment's router.
+                "api_url": f"{scheme}://{head['subdomain']}.{domain}/v1" if head else None,
                 "applications": {name: app["status"] for name, app in sorted(apps.items())},
             },
         )

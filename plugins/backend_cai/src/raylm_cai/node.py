@@ -8,10 +8,11 @@ The applications' script (`.raylm/cai/ray_node.py` in the project, written by
 `CDSW_APP_PORT` (the port CML polls and proxies).
 
 - head: `ray start --head --block` on CDSW_IP_ADDRESS:6379, with Ray's dashboard on
-  127.0.0.1:CDSW_APP_PORT, so CML marks the application running once Ray answers
-  and the application's URL is the dashboard. Once started it writes its address to
-  `head.json` in the cluster's folder of the project filesystem (the API gives no
-  IP for an application).
+  CDSW_IP_ADDRESS:8265 (reachable from the project's sessions). CDSW_APP_PORT is the
+  front (`raylm_cai.front`): the application's URL is the OpenAI endpoint of the
+  deployment served on the head, and CML marks the application running once Ray runs.
+  Once started it writes its address to `head.json` in the cluster's folder of the
+  project filesystem (the API gives no IP for an application).
 - worker: waits for `head.json` and for the head to answer, then
   `ray start --block --address`, and answers CML's polling on CDSW_APP_PORT once
   its node runs.
@@ -35,8 +36,10 @@ from pathlib import Path
 from raylm.net import address_answers
 from raylm.ray_nodes import serving_node_environment, serving_node_options
 from raylm.waiting import wait_until
+from raylm_cai.front import DEFAULT_API_PORT, Front
 
 GCS_PORT = 6379
+DASHBOARD_PORT = 8265  # Ray's own default
 HEAD_WAIT_S = 900
 STARTED_LINE = "Ray runtime started"
 # Ray's default share of a node's memory for the object store.
@@ -76,8 +79,9 @@ def main() -> None:
     if role == "head":
         (folder / "head.json").unlink(missing_ok=True)
         command += ["--head", f"--port={GCS_PORT}", "--include-dashboard=true"]
-        command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={app_port}"]
-        polling = None
+        command += [f"--dashboard-host={ip}", f"--dashboard-port={DASHBOARD_PORT}"]
+        api_port = int(os.environ.get("RAYLM_CAI_API_PORT") or DEFAULT_API_PORT)
+        polling = Front(app_port, (ip, api_port), cluster)
     else:
         command.append(f"--address={_wait_for_head(folder)}")
         polling = _serve_polling(app_port)
@@ -98,8 +102,7 @@ def main() -> None:
         if STARTED_LINE in line:
             if role == "head":
                 _publish_head(folder, f"{ip}:{GCS_PORT}")
-            elif polling is not None:
-                polling.ready = True
+            polling.ray_running = True
     sys.exit(ray.wait())
 
 
@@ -144,15 +147,15 @@ def _publish_head(folder: Path, address: str) -> None:
 
 class _PollingServer(ThreadingHTTPServer):
     daemon_threads = True
-    ready = False
+    ray_running = False
 
 
 def _serve_polling(port: int) -> _PollingServer:
-    """Answer CML's polling on the application port: 503 while the node starts, 200 once it runs."""
+    """Answer CML's polling on a worker's application port: 503 while the node starts, 200 once it runs."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            ready = self.server.ready  # type: ignore[attr-defined]
+            ready = self.server.ray_running  # type: ignore[attr-defined]
             body = b"ray node running\n" if ready else b"ray node starting\n"
             self.send_response(200 if ready else 503)
             self.send_header("content-length", str(len(body)))

@@ -136,6 +136,13 @@ class FakeCML:
         with self._lock:
             return [public(app) for app in self._apps.values()]
 
+    def application_url(self, name: str) -> str:
+        """Where CML's ingress takes a client of the application `name` (`https://SUBDOMAIN.DOMAIN`):
+        here, straight to the port it listens on, `CDSW_APP_PORT` (the fake has no ingress of its own)."""
+        with self._lock:
+            (app_id,) = [app["id"] for app in self._apps.values() if app["name"] == name]
+            return f"http://127.0.0.1:{self._workloads[app_id].app_port}"
+
     def pod_processes(self) -> list[int]:
         """Pids of every live process started for a workload of this fake (its "pods")."""
         return [process.pid for process in pods.members(self.pod_tmp_root)]
