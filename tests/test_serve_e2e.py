@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from servetools import assert_port_free, free_port, leftovers, run_cli
+from servetools import Streams, assert_port_free, free_port, leftovers, run_cli
 
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.testing.processes import engine_behind
@@ -69,7 +69,7 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
         "headers": bearer(key),
     }
 
-    streams = Streams(f"http://127.0.0.1:{port}", bearer(key), count=8)  # 8 streams at a time, all along the stop
+    streams = Streams(f"http://127.0.0.1:{port}", "tiny-e2e", count=8, headers=bearer(key))  # all along the stop
     stopped = run_cli("stop", "e2e", env=env)
     outcomes = streams.stop()
     assert stopped.returncode == 0, stopped.stderr
@@ -312,42 +312,6 @@ def living(processes):
         except psutil.NoSuchProcess:
             continue
     return found
-
-
-class Streams:
-    """Streamed completions one after another from each of `count` threads; each outcome is `whole` (ended
-    with [DONE]), `cut` (began, did not end), the error code of a refusal, or `unreachable`."""
-
-    def __init__(self, url, headers, count):
-        self.url, self.headers, self.outcomes, self.stopped = url, headers, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(count)]
-        for thread in self.threads:
-            thread.start()
-
-    def _run(self):
-        request = {"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 64, "ignore_eos": True, "stream": True}
-        while not self.stopped.is_set():
-            began = False
-            try:
-                with httpx.stream(
-                    "POST", f"{self.url}/v1/completions", json=request, headers=self.headers, timeout=60
-                ) as response:
-                    if response.status_code != 200:
-                        self.outcomes.append(json.loads(response.read())["error"]["code"])
-                        time.sleep(0.1)
-                        continue
-                    began = True
-                    body = "".join(response.iter_text())
-                self.outcomes.append("whole" if body.rstrip().endswith("data: [DONE]") else "cut")
-            except httpx.HTTPError:
-                self.outcomes.append("cut" if began else "unreachable")
-                time.sleep(0.1)
-
-    def stop(self):
-        self.stopped.set()
-        for thread in self.threads:
-            thread.join(timeout=90)
-        return self.outcomes
 
 
 class Traffic:

@@ -182,7 +182,7 @@ def _checked(engines: list[Engine], checks: list[Future], progress: Progress) ->
         check.result()
     for engine in engines:
         model = engine.deployment
-        progress(f"{model.name}: {model.replicas} replica(s), each needs {describe(node_need(engine.resources()))}")
+        progress(f"{model.name}: {model.describe_replicas()}, each needs {describe(node_need(engine.resources()))}")
 
 
 def _check_capacity(engines: list[Engine], nodes: list[dict[str, float]], backend: Backend, progress: Progress) -> None:

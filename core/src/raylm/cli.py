@@ -16,6 +16,7 @@ from raylm import __version__
 from raylm.errors import RaylmError
 from raylm.plugins import Registry, get_registry
 from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS
+from raylm.serving.autoscaling import Autoscaling
 
 
 def echo_progress(message: str) -> None:
@@ -81,6 +82,13 @@ def _deployment_name(model_name: str) -> str:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the OpenAI endpoint listens on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port of the OpenAI endpoint.")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas of the model.")
+@click.option("--min-replicas", type=int, help="Autoscale the model's replicas from this many (instead of --replicas).")
+@click.option("--max-replicas", type=int, help="... up to this many, as the load needs (default: --min-replicas).")
+@click.option(
+    "--target-ongoing-requests",
+    type=float,
+    help="Autoscaling: the requests one replica should carry (default 16).",
+)
 @click.option(
     "--max-ongoing-requests",
     default=DEFAULT_MAX_ONGOING_REQUESTS,
@@ -119,6 +127,9 @@ def serve_command(
     host: str,
     port: int,
     replicas: int,
+    min_replicas: int | None,
+    max_replicas: int | None,
+    target_ongoing_requests: float | None,
     max_ongoing_requests: int,
     max_queued_requests: int,
     api_key_file: str | None,
@@ -159,6 +170,9 @@ def serve_command(
             raise click.UsageError("name a MODEL to serve, or a deployment file with -f")
         if model.startswith("-"):
             raise click.UsageError(f"unknown option {model}: name the MODEL first, then the engine's own options")
+        autoscaling = _autoscaling(min_replicas, max_replicas, target_ongoing_requests)
+        if autoscaling is not None and replicas != 1:
+            raise click.UsageError("give --replicas, or --min-replicas/--max-replicas to autoscale, not both")
         served_name = name or default_model_name(model)
         deployment = ModelDeployment(
             model=model,
@@ -166,6 +180,7 @@ def serve_command(
             engine=engine,
             engine_args=engine_args,
             replicas=replicas,
+            autoscaling=autoscaling,
             max_ongoing_requests=max_ongoing_requests,
             max_queued_requests=max_queued_requests,
             python=python_path,
@@ -196,6 +211,14 @@ def serve_command(
         running.stop(progress=echo_progress)
     else:
         echo_progress(f"{running.name} was stopped from elsewhere")
+
+
+def _autoscaling(min_replicas: int | None, max_replicas: int | None, target: float | None) -> Autoscaling | None:
+    if min_replicas is None and max_replicas is None and target is None:
+        return None
+    low = 1 if min_replicas is None else min_replicas
+    given = {"target_ongoing_requests": target} if target is not None else {}
+    return Autoscaling(min_replicas=low, max_replicas=low if max_replicas is None else max_replicas, **given)
 
 
 def _parse_env(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -22,6 +22,7 @@ A deployment file (`raylm serve -f deploy.yaml`)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from typing import Any
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
 from raylm.net import port_is_free
+from raylm.serving.autoscaling import Autoscaling
 
 DEFAULT_ENGINE = "vllm"
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
@@ -89,7 +91,7 @@ def check_port_free(host: str, port: int) -> None:
 def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
     allowed = {
         "model", "name", "engine", "replicas", "engine_args", "python", "env", "max_ongoing_requests",
-        "max_queued_requests",
+        "max_queued_requests", "autoscaling",
     }  # fmt: skip
     _reject_unknown(entry, allowed, where)
     if "model" not in entry:
@@ -102,6 +104,17 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
     else:
         raise ConfigError(f"{where}: engine_args must be a mapping or a list of command-line tokens")
     model = str(entry["model"])
+    autoscaling = entry.get("autoscaling")
+    if autoscaling is not None:
+        if "replicas" in entry:
+            raise ConfigError(f"{where}: give `replicas` or `autoscaling`, not both")
+        if not isinstance(autoscaling, Mapping):
+            raise ConfigError(f"{where}: autoscaling must be a mapping (min_replicas, max_replicas, ...)")
+        _reject_unknown(autoscaling, {f.name for f in dataclasses.fields(Autoscaling)}, f"{where}: autoscaling")
+        try:
+            autoscaling = Autoscaling(**autoscaling)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     return ModelDeployment(
         model=model,
         name=str(entry.get("name") or default_model_name(model)),
@@ -111,6 +124,7 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
         python=entry.get("python"),
         env={str(k): str(v) for k, v in (entry.get("env") or {}).items()},
         **{key: entry[key] for key in ("max_ongoing_requests", "max_queued_requests") if key in entry},
+        autoscaling=autoscaling,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from raylm.errors import ConfigError
 from raylm.names import check_name
 from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Limits
+from raylm.serving.autoscaling import Autoscaling
 
 
 def args_to_argv(engine_args: Mapping[str, Any]) -> tuple[str, ...]:
@@ -58,6 +59,8 @@ class ModelDeployment:
     # Backpressure, enforced by the router: requests at once per replica, and waiting for the model.
     max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
+    # Replicas between bounds, following the load (then `replicas` is not used).
+    autoscaling: Autoscaling | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -77,6 +80,17 @@ class ModelDeployment:
     @property
     def limits(self) -> Limits:
         return Limits(self.max_ongoing_requests, self.max_queued_requests)
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+
+    def describe_replicas(self) -> str:
+        if self.autoscaling is None:
+            return f"{self.replicas} replica(s)"
+        scaling = self.autoscaling
+        bounds = f"{scaling.min_replicas}-{scaling.max_replicas}"
+        return f"{bounds} replicas, autoscaled ({scaling.target_ongoing_requests:g} requests each)"
 
 
 @dataclass(frozen=True)

@@ -88,10 +88,14 @@ class RayServeApps:
             runtime_env: dict[str, Any] = {"env_vars": {**model.env, DEPLOYMENT_MARKER: plan.name}}
             if model.python:
                 runtime_env["py_executable"] = model.python
+            if model.autoscaling is None:
+                scaling: dict[str, Any] = {"num_replicas": model.replicas}
+            else:
+                scaling = {"autoscaling_config": model.autoscaling.serve_config()}
             replica = serve.deployment(
                 ModelReplica,
                 name="Model",
-                num_replicas=model.replicas,
+                **scaling,
                 ray_actor_options={
                     "num_cpus": resources.num_cpus,
                     "num_gpus": resources.num_gpus,
@@ -103,7 +107,7 @@ class RayServeApps:
                 health_check_timeout_s=30,
                 graceful_shutdown_timeout_s=REPLICA_DRAIN_S + 30,  # its requests finish, then its engine stops
                 # A replica that fails to start fails the deployment at once, with its error; no slow retries.
-                max_constructor_retry_count=model.replicas,
+                max_constructor_retry_count=model.max_replicas,
             ).bind(model, type(engine), app_name(plan.name, "router"))
             targets.append(serve.RunTarget(target=replica, name=app_name(plan.name, model.name), route_prefix=None))
         progress(f"deploying {len(engines)} model(s)")

@@ -19,6 +19,7 @@ from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
 from raylm.serving.admission import Limits
+from raylm.serving.autoscaling import LOAD_METRIC
 from raylm.serving.keys import KeyFile
 from raylm.serving.router_thread import RouterThread
 
@@ -56,6 +57,16 @@ class RouterReplica:
 
     def retire(self, replica_id: str) -> int:
         return self.router.call(self.router.table.retire, replica_id)
+
+    def load(self, model: str, replica_id: str) -> float:
+        """What one replica carries, for autoscaling: its requests in flight and its share of the queue."""
+
+        def count() -> float:
+            replicas = self.router.table.replicas(model)
+            own = sum(u.in_flight for u in replicas if u.replica_id == replica_id)
+            return own + self.router.router.admission.depth(model) / max(1, len(replicas))
+
+        return self.router.call(count)
 
     async def drain(self, timeout_s: float) -> int:
         """Take no new requests; return once those taken are answered, or after `timeout_s` with how many
@@ -129,6 +140,10 @@ class ModelReplica:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve asks each replica for its load (with autoscaling): the router is where the requests are."""
+        return {LOAD_METRIC: await self.router.load.remote(self.deployment.name, self.replica_id)}
 
     async def __del__(self) -> None:
         heartbeat = getattr(self, "heartbeat", None)

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from raylm.serving.admission import Admission, Limits
+from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Admission, Limits
 from raylm.serving.http import error_body, forwarded_request
 from raylm.serving.keys import KeyFile
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
@@ -277,7 +277,8 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     for index, (model, url) in enumerate(args.upstream):
         table.register(model, url, replica_id=f"static-{index}")
     keys = KeyFile(args.api_key_file) if args.api_key_file else None
-    router = Router(table, metrics=not args.no_metrics, keys=keys, access_log=not args.no_access_log)
+    limits = {model: Limits(args.max_ongoing_requests, args.max_queued_requests) for model, _ in args.upstream}
+    router = Router(table, metrics=not args.no_metrics, keys=keys, limits=limits, access_log=not args.no_access_log)
     await router.start(args.host, args.port)
     logger.info("routing on http://%s:%d", args.host, args.port)
     await asyncio.Event().wait()
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key-file", help="the endpoint's API keys, one per line")
     parser.add_argument("--no-metrics", action="store_true", help="no /metrics")
     parser.add_argument("--no-access-log", action="store_true", help="no line per request")
+    parser.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS, help="per upstream")
+    parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS, help="per model")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(_serve_forever(args))
