@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -20,7 +21,9 @@ from raylm.serving.autoscaling import Autoscaling
 
 
 def echo_progress(message: str) -> None:
-    click.echo(f"raylm: {message}", err=True)
+    # Whoever read our output may have gone (a closed pipe): the work, and its cleanup, go on.
+    with contextlib.suppress(OSError):
+        click.echo(f"raylm: {message}", err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
