@@ -10,6 +10,7 @@ import os
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from servetools import Streams, free_port, leftovers, run_cli
 
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
@@ -48,6 +49,17 @@ def replicas(endpoint):
     return httpx.get(f"{endpoint}/v1/models").json()["data"][0]["replicas"]
 
 
+def replicas_serving(endpoint):
+    """The replicas with requests in flight now, as the router's metrics say."""
+    scraped = httpx.get(f"{endpoint}/metrics").text
+    return {
+        sample.labels["replica"]
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+        if sample.name == "raylm_replica_requests_in_flight" and sample.value > 0
+    }
+
+
 def wait_for_replicas(endpoint, count, timeout_s):
     wait_until(
         lambda: replicas(endpoint) == count,
@@ -62,6 +74,12 @@ def test_the_load_brings_a_replica_and_takes_it_away_without_cutting_a_stream(en
     busy = Streams(endpoint, "tiny", count=6)
     try:
         wait_for_replicas(endpoint, 2, timeout_s=300)
+        wait_until(
+            lambda: len(replicas_serving(endpoint)) == 2,
+            timeout_s=30,
+            poll_s=0.2,
+            on_timeout=lambda: AssertionError(f"only {replicas_serving(endpoint)} serve requests"),
+        )
     finally:
         upscaled = busy.stop()
     light = Streams(endpoint, "tiny", count=1)  # one stream at a time: one replica is enough
