@@ -181,3 +181,11 @@ def test_an_api_key_file_without_a_key_stops_before_anything_starts(tiny_llama, 
     assert_one_line_error(code, err, f"the API key file {keys} holds no key: write one key per line")
     code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--api-key-file", str(tmp_path / "no"), env=tmp_home)
     assert_one_line_error(code, err, f"cannot read the API key file {tmp_path / 'no'}: No such file or directory")
+
+
+def test_bad_autoscaling_bounds_stop_before_anything_starts(tiny_llama, tmp_home):
+    bounds = ("--min-replicas", "3", "--max-replicas", "2")
+    code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), *bounds, env=tmp_home)
+    assert_one_line_error(code, err, "autoscaling: max_replicas must be an int >= min_replicas, got 2")
+    code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--min-replicas", "0", env=tmp_home)
+    assert_one_line_error(code, err, "min_replicas must be a whole number >= 1, got 0 (scaling to zero is not")
