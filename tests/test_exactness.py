@@ -126,21 +126,21 @@ def test_raylm_answers_exactly_what_the_engine_answers(deployment, engine, kind,
         # SGLang on CPU samples n > 1 choices differently each time, seed or not: nothing to compare with.
         pytest.skip(f"{engine}'s own server answers this seeded request differently each time")
     if engine == "sglang" and "logprobs" in case:
-        # SGLang's logprobs differ in the 6th digit between two identical requests to the same server
+        # SGLang's logprobs differ from the 4th digit on between two identical requests to the same server
         # (its CPU kernels are not bit-reproducible): its text and tokens must still be exact.
-        assert same_but_floats(ours, theirs, rel=1e-4)
+        assert same_but_floats(ours, theirs, tolerance=1e-3)
     else:
         assert ours == theirs
 
 
-def same_but_floats(a, b, rel):
-    """Equal, floats within `rel` of each other."""
+def same_but_floats(a, b, tolerance):
+    """Equal, floats within `tolerance` of each other (relative, or absolute near 0)."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=rel)
+        return math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(same_but_floats(a[k], b[k], rel) for k in a)
+        return a.keys() == b.keys() and all(same_but_floats(a[k], b[k], tolerance) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(same_but_floats(x, y, rel) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_but_floats(x, y, tolerance) for x, y in zip(a, b))
     return a == b
 
 
