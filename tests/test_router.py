@@ -530,15 +530,20 @@ def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engin
     assert lines[3].startswith("client-8 /v1/completions model=(unknown) status=404 first_byte_ms=- ")
 
 
+def soon(condition, what):
+    wait_until(condition, timeout_s=5, poll_s=0.05, on_timeout=lambda: AssertionError(what))
+
+
+def stream_taken(pool, router, model, chunks):
+    """A slow stream sent from `pool`, returned once the router has taken it."""
+    future = pool.submit(post, router, {"model": model, "stream": True, "chunks": chunks, "delay": 0.2})
+    soon(lambda: router.call(router.router.unfinished) == 1, "the stream is taken")
+    return future
+
+
 def test_a_draining_router_finishes_what_it_took_and_refuses_the_rest(router):
     with ThreadPoolExecutor(1) as pool:
-        taken = pool.submit(post, router, {"model": "alpha", "stream": True, "chunks": 10, "delay": 0.2})
-        wait_until(
-            lambda: router.call(router.router.unfinished) == 1,
-            timeout_s=5,
-            poll_s=0.05,
-            on_timeout=lambda: AssertionError("the stream is taken"),
-        )
+        taken = stream_taken(pool, router, "alpha", chunks=10)
 
         def drain():
             router.router.draining = True
@@ -554,13 +559,7 @@ def test_a_draining_router_finishes_what_it_took_and_refuses_the_rest(router):
 
 def test_a_retiring_replica_finishes_its_requests_and_gets_no_new_ones(router):
     with ThreadPoolExecutor(1) as pool:
-        stream = pool.submit(post, router, {"model": "alpha", "stream": True, "chunks": 8, "delay": 0.2})
-        wait_until(
-            lambda: router.call(router.router.unfinished) == 1,
-            timeout_s=5,
-            poll_s=0.05,
-            on_timeout=lambda: AssertionError("the stream is taken"),
-        )
+        stream = stream_taken(pool, router, "alpha", chunks=8)
         (busy,) = [u.replica_id for u in router.table.replicas("alpha") if u.in_flight]
         assert router.call(router.table.retire, busy) == 1
         others = {post(router, {"model": "alpha"}).json()["served_by"] for _ in range(4)}
@@ -573,14 +572,10 @@ def test_a_waiting_request_whose_client_hangs_up_leaves_the_queue(engines):
     def depth():
         return router.call(router.router.admission.depth, "beta")
 
-    def soon(condition, what):
-        wait_until(condition, timeout_s=5, poll_s=0.05, on_timeout=lambda: AssertionError(what))
-
     with Routing(["beta"], limits={"beta": Limits(max_ongoing_requests=1, max_queued_requests=1)}) as router:
         router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
         with ThreadPoolExecutor(2) as pool:
-            busy = pool.submit(post, router, {"model": "beta", "stream": True, "chunks": 10, "delay": 0.25})
-            soon(lambda: router.call(router.router.unfinished) == 1, "b1 is busy")
+            busy = stream_taken(pool, router, "beta", chunks=12)
             body = json.dumps({"model": "beta"}).encode()
             with socket.create_connection(("127.0.0.1", router.port)) as leaving:
                 leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body))
