@@ -83,7 +83,7 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     assert (cluster["nodes_alive"], cluster["nodes_expected"]) == (3, 3)
     head_ip = cluster["address"].rpartition(":")[0]
     assert cluster["dashboard_url"] == f"http://{head_ip}:8265"
-    assert cluster["details"]["api_url"].startswith("http://raylm-main-head-")
+    assert cluster["api_url"].startswith("http://raylm-main-head-")
     assert sorted(cluster["applications"]) == ["raylm-main-head", "raylm-main-worker-1", "raylm-main-worker-2"]
     assert all(app["bypass_authentication"] is False for app in cml.applications())
     assert "Ray reports 3 nodes alive" in up.stderr
