@@ -1,6 +1,7 @@
 """An engine server as a child process: what it leaves behind when it stops or dies, what it says when it fails."""
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import psutil
 import pytest
 
 from raylm.errors import DeploymentError
-from raylm.net import free_port, free_ports_in
+from raylm.net import ENGINE_SERVER_PORTS, free_port, free_ports_in, other_listeners
 from raylm.processes import marked_processes
 from raylm.server_process import ServerProcess, torch_compile_cache
 
@@ -211,3 +212,25 @@ def test_a_killed_replica_takes_its_server_and_the_servers_processes_with_it():
     replica.wait()
     wait_until(lambda: marked_processes("RAYLM_TEST_MARK", "killed-replica") == [])
     assert not psutil.pid_exists(worker)
+
+
+def test_a_port_shared_through_so_reuseport_is_seen(tmp_path):
+    """Engines listen with SO_REUSEPORT: a second server on the same port binds without an error, so
+    raylm looks for other listeners once its engine answers."""
+    (port,) = free_ports_in(ENGINE_SERVER_PORTS)
+    listen = (
+        "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(60)"
+    )
+    with socket.socket() as mine:
+        mine.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        mine.bind(("127.0.0.1", port))
+        mine.listen()
+        assert other_listeners(port, {os.getpid()}) == set()
+        other = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
+        try:
+            assert other.stdout.readline() == "up\n"
+            assert other_listeners(port, {os.getpid()}) == {other.pid}
+        finally:
+            other.kill()
+            other.wait()

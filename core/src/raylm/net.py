@@ -17,6 +17,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+# Engine servers' ports: above Ray's worker ports (10002-19999), below the kernel's ephemeral range,
+# picked at random. Two replicas that start at once on one node pick independently; asking the kernel
+# (bind to port 0) gave two engines the same just-released port, and since engines listen with
+# SO_REUSEPORT (vLLM does), both bound it and the kernel split the connections between them.
+ENGINE_SERVER_PORTS = range(20000, 30000)
+
+
+def other_listeners(port: int, ours: set[int]) -> set[int]:
+    """Processes not among `ours` (pids) that listen on TCP `port` too (on any address)."""
+    import psutil
+
+    return {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid not in ours
+    }
+
+
 def free_ports_in(ports: range, count: int = 1, host: str = "127.0.0.1") -> list[int]:
     """`count` different ports of `ports` nothing listens on now, tried in random order.
 

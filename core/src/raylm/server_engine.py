@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.engine_check import ERROR_PREFIX
 from raylm.errors import ConfigError
-from raylm.net import free_port, http_ok
+from raylm.net import ENGINE_SERVER_PORTS, free_ports_in, http_ok, other_listeners
 from raylm.processes import supervised
 from raylm.server_process import ServerProcess
 from raylm.state import Records
@@ -185,7 +185,7 @@ class ServerEngine(Engine):
         return {self.api_key_env: self.api_key}, []
 
     async def start(self, host: str) -> str:
-        port = free_port(host)
+        (port,) = free_ports_in(ENGINE_SERVER_PORTS, host=host)
         name = f"{self.display_name.lower()}:{self.deployment.name}"
         env, arguments = self.key_settings()
         command = [*self.server_command(host, port), *arguments]
@@ -193,6 +193,10 @@ class ServerEngine(Engine):
         self.server.start()
         self.url = f"http://{host}:{port}"
         await self.server.wait_healthy(self.url + self.health_path, START_TIMEOUT_S)
+        others = other_listeners(port, self.server.process_tree())
+        if others:  # another server took the same port at the same time: neither can be trusted with it
+            await self.server.stop()
+            raise RuntimeError(f"port {port} is shared with process(es) {sorted(others)}; the replica restarts")
         return self.url
 
     async def check_health(self) -> None:

@@ -73,6 +73,16 @@ class ServerProcess:
         self.log_path: Path | None = None
         self.temp_dir: Path | None = None
 
+    def process_tree(self) -> set[int]:
+        """The pids of the server's process and of everything below it (its supervisor's, here)."""
+        import psutil
+
+        try:
+            top = psutil.Process(self.process.pid)
+            return {top.pid, *(child.pid for child in top.children(recursive=True))}
+        except psutil.NoSuchProcess:
+            return set()
+
     def start(self) -> None:
         LOG_FOLDER.mkdir(parents=True, exist_ok=True)
         safe_name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
