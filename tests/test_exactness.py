@@ -92,7 +92,8 @@ def client(url, api_key="unused"):
 def answer(server, kind, model, request, stream):
     """The response from `server` (a URL, or a URL and a key), as comparable data: every field but the
     response's id and creation time; a stream as its chunks joined per choice (text, finish reason,
-    logprobs) and its usage."""
+    logprobs token by token: SGLang groups a stream's tokens into chunks as its timing falls) and its
+    usage."""
     talk = client(server) if isinstance(server, str) else client(*server)
     api = talk.completions if kind == "completions" else talk.chat.completions
     if not stream:
@@ -101,12 +102,13 @@ def answer(server, kind, model, request, stream):
     for chunk in api.create(model=model, stream=True, stream_options={"include_usage": True}, **request):
         usage = chunk.usage or usage
         for choice in chunk.choices:
-            joined = choices.setdefault(choice.index, {"text": "", "finish_reason": None, "logprobs": []})
+            joined = choices.setdefault(choice.index, {"text": "", "finish_reason": None, "logprobs": {}})
             piece = choice.text if kind == "completions" else (choice.delta.content or "")
             joined["text"] += piece
             joined["finish_reason"] = choice.finish_reason or joined["finish_reason"]
-            if choice.logprobs is not None:
-                joined["logprobs"].append(choice.logprobs.model_dump())
+            if choice.logprobs is not None:  # per token, however the engine grouped tokens into chunks
+                for key, value in choice.logprobs.model_dump().items():
+                    joined["logprobs"].setdefault(key, []).extend(value if isinstance(value, list) else [value])
     return {"choices": choices, "usage": usage.model_dump() if usage else None}
 
 
