@@ -226,11 +226,12 @@ def test_a_port_shared_through_so_reuseport_is_seen(tmp_path):
         mine.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         mine.bind(("127.0.0.1", port))
         mine.listen()
-        assert other_listeners(port, {os.getpid()}) == set()
+        assert other_listeners("127.0.0.1", port, {os.getpid()}) == set()
         other = subprocess.Popen([sys.executable, "-c", listen], stdout=subprocess.PIPE, text=True)
         try:
             assert other.stdout.readline() == "up\n"
-            assert other_listeners(port, {os.getpid()}) == {other.pid}
+            assert other_listeners("127.0.0.1", port, {os.getpid()}) == {other.pid}
+            assert other_listeners("127.0.0.2", port, {os.getpid()}) == set(), "another address is another socket"
         finally:
             other.kill()
             other.wait()

@@ -24,14 +24,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 ENGINE_SERVER_PORTS = range(20000, 30000)
 
 
-def other_listeners(port: int, ours: set[int]) -> set[int]:
-    """Processes not among `ours` (pids) that listen on TCP `port` too (on any address)."""
+def other_listeners(host: str, port: int, ours: set[int]) -> set[int]:
+    """Processes not among `ours` (pids) that listen on TCP `host:port` too (or on `port` of every address)."""
     import psutil
 
+    wildcard = {"0.0.0.0", "::"}
     return {
         c.pid
         for c in psutil.net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid not in ours
+        if c.status == psutil.CONN_LISTEN
+        and c.laddr
+        and c.laddr.port == port
+        and (c.laddr.ip == host or c.laddr.ip in wildcard or host in wildcard)
+        and c.pid not in ours
     }
 
 

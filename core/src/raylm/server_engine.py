@@ -193,7 +193,7 @@ class ServerEngine(Engine):
         self.server.start()
         self.url = f"http://{host}:{port}"
         await self.server.wait_healthy(self.url + self.health_path, START_TIMEOUT_S)
-        others = other_listeners(port, self.server.process_tree())
+        others = other_listeners(host, port, self.server.process_tree())
         if others:  # another server took the same port at the same time: neither can be trusted with it
             await self.server.stop()
             raise RuntimeError(f"port {port} is shared with process(es) {sorted(others)}; the replica restarts")
