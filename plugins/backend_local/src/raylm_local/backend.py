@@ -26,7 +26,7 @@ STOP_GRACE_S = 15
 
 
 # Ray binds these ports some time after we pick them: below the ephemeral range, apart from Ray's defaults.
-RAY_PORT_RANGE = range(20000, 30000)
+RAY_PORT_RANGE = range(20000, 25000)
 
 
 def ray_temp_dir(home: Path, cluster: str) -> Path:

@@ -29,7 +29,8 @@ def next_pod_ip() -> str:
 
 # Ports for CDSW_APP_PORT and the like: below the kernel's ephemeral range (32768+), where an outgoing
 # connection could take one before the workload binds it, and apart from what a Ray node on the same
-# host uses (10001, worker ports 10002-19999) and from raylm-local's 20000-29999.
+# host uses (10001, worker ports 10002-19999), from raylm-local's heads (20000-24999) and engine servers
+# (25000-29999).
 POD_PORTS = range(30000, 32768)
 
 
