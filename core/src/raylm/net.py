@@ -18,9 +18,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 # Engine servers' ports: above Ray's worker ports (10002-19999) and raylm-local's head (20000-24999),
-# below the kernel's ephemeral range, picked at random. Two replicas that start at once on one node pick independently; asking the kernel
-# (bind to port 0) gave two engines the same just-released port, and since engines listen with
-# SO_REUSEPORT (vLLM does), both bound it and the kernel split the connections between them.
+# below the kernel's ephemeral range, picked at random. Two replicas that start at once on one node
+# pick independently; asking the kernel (bind to port 0) gave two engines the same just-released
+# port, and since engines listen with SO_REUSEPORT (vLLM does), both bound it and the kernel split
+# the connections between them.
 ENGINE_SERVER_PORTS = range(25000, 30000)
 
 
