@@ -13,6 +13,10 @@ Then the burst: a third router in front of the same server with a small limit (4
 replica, 8 waiting), and `--burst` times that many requests at once. Every request must get its
 answer or a 429 within 1 s of arriving, the router's memory must stay flat, and it must serve
 normally afterwards.
+
+With `--before REV` (e.g. 2015c7f, before the restructure) a third router, that commit's own
+`raylm.serving.router` in front of the same server, is loaded in the same rotation: `plain`/`before`
+is what the change between the two commits did to the data path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,14 +50,14 @@ LIMIT_ONGOING, LIMIT_QUEUED = 4, 8
 class RouterProcess:
     """`python -m raylm.serving.router` in front of one engine server."""
 
-    def __init__(self, name: str, engine_url: str, *options: str, api_key: str | None = None):
+    def __init__(self, name: str, engine_url: str, *options: str, api_key: str | None = None, env: dict | None = None):
         self.name, self.api_key = name, api_key
         self.port = free_port()
         self.log_path = Path(tempfile.gettempdir()) / f"raylm-bench-router-{name}.log"
         command = [sys.executable, "-m", "raylm.serving.router", "--port", str(self.port)]
         command += ["--upstream", f"{MODEL_NAME}={engine_url}", *options]
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (the access log goes here, as a user's would to a file)
-        self.process = start(command, self.log, {})
+        self.process = start(command, self.log, env or {})
         self.ps = psutil.Process(self.process.pid)
 
     @property
@@ -133,11 +138,19 @@ async def burst(router: RouterProcess, count: int) -> dict:
     }
 
 
+def router_at(revision: str, engine_url: str) -> RouterProcess:
+    """The router of raylm's core as it was at `revision`, run from a copy of that tree."""
+    tree = Path(tempfile.mkdtemp(prefix=f"raylm-{revision}-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "core/src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return RouterProcess("before", engine_url, env={"PYTHONPATH": str(tree / "core" / "src")})
+
+
 def cell(values: list[float]) -> str:
     return f"{median(values):.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
-async def main_async(repeats: int, burst_factor: int) -> None:
+async def main_async(repeats: int, burst_factor: int, before: str | None) -> None:
     model = build_tiny_llama(REPO / ".cache" / "models" / "tiny-llama")
     key_file = Path(tempfile.mkdtemp()) / "keys"
     key_file.write_text(KEY + "\n")
@@ -152,30 +165,38 @@ async def main_async(repeats: int, burst_factor: int) -> None:
             f"--max-ongoing-requests={LIMIT_ONGOING}",
             f"--max-queued-requests={LIMIT_QUEUED}",
         )
+        loaded = [plain, full] + ([router_at(before, engine_url)] if before else [])
         try:
-            for router in (plain, full, limited):
+            for router in (*loaded, limited):
                 await router.wait_ready()
                 await warm_up(router.url, router.api_key)
             results: dict = {}
             for repeat in range(repeats):
-                for router in (plain, full) if repeat % 2 == 0 else (full, plain):
+                for router in loaded if repeat % 2 == 0 else loaded[::-1]:
                     await measure(router, 16, 320, results)
                     await measure(router, 1, 40, results)
             burst_result = await burst(limited, burst_factor * (LIMIT_ONGOING + LIMIT_QUEUED))
         finally:
-            for router in (plain, full, limited):
+            for router in (*loaded, limited):
                 router.close()
-    report(results, burst_result, repeats)
+    report(results, burst_result, repeats, before)
 
 
-def report(results: dict, burst_result: dict, repeats: int) -> None:
+def report(results: dict, burst_result: dict, repeats: int, before: str | None) -> None:
+    names = ["plain", "full"] + (["before"] if before else [])
     print(f"\n{machine()}; {repeats} load runs per router and concurrency, medians [min-max]")
-    print(f"{'metric':22}{'plain':>22}{'full':>22}  full/plain")
+    if before:
+        print(f"before: raylm's router at {before}")
+    ratios = "  full/plain" + ("  plain/before" if before else "")
+    print(f"{'metric':22}" + "".join(f"{name:>22}" for name in names) + ratios)
     checks = []
     for concurrency, metric in ((16, "req/s"), (1, "TTFT p50 (ms)"), (16, "CPU us/chunk"), (1, "CPU us/chunk")):
-        plain, full = results[("plain", concurrency, metric)], results[("full", concurrency, metric)]
-        ratio = median(full) / median(plain)
-        print(f"{f'c={concurrency} {metric}':22}{cell(plain):>22}{cell(full):>22}  {ratio:10.2f}")
+        column = {name: results[(name, concurrency, metric)] for name in names}
+        line = f"{f'c={concurrency} {metric}':22}" + "".join(f"{cell(column[name]):>22}" for name in names)
+        line += f"  {median(column['full']) / median(column['plain']):10.2f}"
+        if before:
+            line += f"  {median(column['plain']) / median(column['before']):13.2f}"
+        print(line)
     req = median(results[("full", 16, "req/s")]) / median(results[("plain", 16, "req/s")])
     ttft = median(results[("full", 1, "TTFT p50 (ms)")]) - median(results[("plain", 1, "TTFT p50 (ms)")])
     cpu = median(results[("full", 16, "CPU us/chunk")]) / median(results[("plain", 16, "CPU us/chunk")])
@@ -193,9 +214,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=6, help="load runs per router and concurrency")
     parser.add_argument("--burst", type=int, default=10, help="the burst, in multiples of the limit")
+    parser.add_argument("--before", metavar="REV", help="also load the router of this commit, side by side")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    asyncio.run(main_async(args.repeats, args.burst))
+    asyncio.run(main_async(args.repeats, args.burst, args.before))
 
 
 if __name__ == "__main__":

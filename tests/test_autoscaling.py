@@ -2,18 +2,23 @@
 
 A tiny Llama served with `autoscaling: {min_replicas: 1, max_replicas: 2, target_ongoing_requests: 2}`:
 six streams at a time bring a second replica, which takes traffic; with one stream left, the
-second replica goes again, drained, so no stream is cut on the way up or down.
+second replica goes again, drained, so no stream is cut on the way up or down. Beside it in the
+same deployment, the same model with `min_replicas: 0`: no replica until its first request, which
+starts one and is answered; idle again, it goes back to none.
 """
 
 import os
+import time
 
 import httpx
+import openai
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from servetools import Streams, free_port, leftovers, run_cli
 
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
+from raylm.testing.processes import processes_matching
 from raylm.waiting import wait_until
 from raylm_local.backend import ray_temp_dir
 
@@ -26,6 +31,7 @@ AUTOSCALING = {
     "upscale_delay_s": 0,
     "downscale_delay_s": 10,
 }
+SCALED_TO_ZERO = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5, "scale_from_zero_timeout_s": 300}
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +40,24 @@ def endpoint(tmp_path_factory, tiny_llama):
     env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     port = free_port()
     plan = home / "deploy.yaml"
-    model = {"model": str(tiny_llama), "name": "tiny", "autoscaling": AUTOSCALING, "engine_args": TINY_LLAMA_VLLM_ARGS}
-    plan.write_text(yaml.safe_dump({"name": "elastic", "server": {"port": port}, "models": [model]}))
+    model = {"model": str(tiny_llama), "engine_args": TINY_LLAMA_VLLM_ARGS}
+    models = [
+        {**model, "name": "tiny", "autoscaling": AUTOSCALING},
+        {**model, "name": "idle", "autoscaling": SCALED_TO_ZERO},
+    ]
+    plan.write_text(yaml.safe_dump({"name": "elastic", "server": {"port": port}, "models": models}))
     started = run_cli("serve", "-f", str(plan), "--detach", env=env)
     assert started.returncode == 0, started.stderr
     assert "tiny: 1-2 replicas, autoscaled (2 requests each)" in started.stderr
+    assert "idle: 0-1 replicas, autoscaled" in started.stderr
     yield f"http://127.0.0.1:{port}"
     stopped = run_cli("stop", "elastic", env=env)
     assert stopped.returncode == 0, stopped.stderr
-    assert leftovers(ray_temp_dir(home, "elastic"), "elastic", "tiny") == []
+    assert leftovers(ray_temp_dir(home, "elastic"), "elastic", "tiny", "idle") == []
 
 
-def replicas(endpoint):
-    return httpx.get(f"{endpoint}/v1/models").json()["data"][0]["replicas"]
+def replicas(endpoint, model="tiny"):
+    return next(card["replicas"] for card in httpx.get(f"{endpoint}/v1/models").json()["data"] if card["id"] == model)
 
 
 def replicas_serving(endpoint):
@@ -60,12 +71,12 @@ def replicas_serving(endpoint):
     }
 
 
-def wait_for_replicas(endpoint, count, timeout_s):
+def wait_for_replicas(endpoint, count, timeout_s, model="tiny"):
     wait_until(
-        lambda: replicas(endpoint) == count,
+        lambda: replicas(endpoint, model) == count,
         timeout_s=timeout_s,
         poll_s=1.0,
-        on_timeout=lambda: AssertionError(f"{replicas(endpoint)} replicas after {timeout_s}s, not {count}"),
+        on_timeout=lambda: AssertionError(f"{model}: {replicas(endpoint, model)} replicas, not {count}"),
     )
 
 
@@ -89,3 +100,27 @@ def test_the_load_brings_a_replica_and_takes_it_away_without_cutting_a_stream(en
         downscaled = light.stop()
     assert set(upscaled) == {"whole"} and len(upscaled) > 20, upscaled
     assert set(downscaled) == {"whole"} and len(downscaled) > 5, "a stream was cut while a replica went away"
+
+
+def idle_engines():
+    return processes_matching("vllm.entrypoints", "--served-model-name idle ")
+
+
+def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_zero(endpoint):
+    ready = httpx.get(f"{endpoint}/ready")
+    assert ready.status_code == 200 and ready.json()["scaled_to_zero"] == ["idle"]
+    assert replicas(endpoint, "idle") == 0 and idle_engines() == []
+    client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=300)
+    started = time.monotonic()
+    answer = client.completions.create(model="idle", prompt="Hello", max_tokens=8)
+    print(f"scaled to zero: first answer after {time.monotonic() - started:.1f}s")
+    assert answer.choices[0].text and answer.usage.completion_tokens == 8
+    assert replicas(endpoint, "idle") == 1
+    wait_for_replicas(endpoint, 0, timeout_s=120, model="idle")
+    wait_until(
+        lambda: idle_engines() == [],
+        timeout_s=60,
+        poll_s=1.0,
+        on_timeout=lambda: AssertionError("the idle model's engine is still running"),
+    )
+    assert httpx.get(f"{endpoint}/ready").json()["scaled_to_zero"] == ["idle"]

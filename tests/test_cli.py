@@ -186,6 +186,8 @@ def test_an_api_key_file_without_a_key_stops_before_anything_starts(tiny_llama, 
 def test_bad_autoscaling_bounds_stop_before_anything_starts(tiny_llama, tmp_home):
     bounds = ("--min-replicas", "3", "--max-replicas", "2")
     code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), *bounds, env=tmp_home)
-    assert_one_line_error(code, err, "autoscaling: max_replicas must be an int >= min_replicas, got 2")
+    assert_one_line_error(code, err, "autoscaling: max_replicas must be a whole number >= min_replicas and >= 1, got 2")
+    code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--min-replicas", "-1", env=tmp_home)
+    assert_one_line_error(code, err, "autoscaling: min_replicas must be a whole number >= 0, got -1")
     code, _, err, _ = run_raylm_probed("serve", str(tiny_llama), "--min-replicas", "0", env=tmp_home)
-    assert_one_line_error(code, err, "min_replicas must be a whole number >= 1, got 0 (scaling to zero is not")
+    assert_one_line_error(code, err, "autoscaling: max_replicas must be a whole number >= min_replicas and >= 1, got 0")

@@ -593,3 +593,33 @@ def test_the_access_log_can_be_off(engines, caplog):
         router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
         assert post(router, {"model": "beta"}).status_code == 200
     assert not [record for record in caplog.records if record.name == "raylm.access"]
+
+
+def test_a_model_scaled_to_zero_starts_a_replica_for_the_first_request(engines):
+    asked = []
+
+    def start_replica(model):  # as Serve would: a replica starts, registers, then the call returns
+        asked.append(model)
+        time.sleep(0.5)
+        router.call(router.table.register, model, engines["b1"].url, "b1", None)
+
+    with Routing(["beta"], cold_starts={"beta": 10.0}, start_replica=start_replica) as router:
+        ready = httpx.get(f"{router.url}/ready")
+        assert ready.status_code == 200 and ready.json()["scaled_to_zero"] == ["beta"]
+        assert [m["id"] for m in httpx.get(f"{router.url}/v1/models").json()["data"]] == ["beta"]
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: post(router, {"model": "beta"}), range(3)))
+        assert [a.json()["served_by"] for a in answers] == ["b1"] * 3
+        assert asked == ["beta"], "one replica asked for, for all the waiting requests"
+        assert httpx.get(f"{router.url}/ready").json()["scaled_to_zero"] == []
+
+
+def test_a_model_whose_first_replica_does_not_start_in_time_gets_503_with_retry_after(engines):
+    with Routing(["beta"], cold_starts={"beta": 1.0}, start_replica=lambda model: time.sleep(3)) as router:
+        started = time.monotonic()
+        refused = post(router, {"model": "beta"})
+        assert 1.0 <= time.monotonic() - started < 2.5
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "model_starting"
+        assert "did not start in 1s" in refused.json()["error"]["message"]
+        assert router.call(router.router.unfinished) == 0, "nothing left waiting"

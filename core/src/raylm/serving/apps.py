@@ -71,7 +71,18 @@ class RayServeApps:
             ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}},
             health_check_period_s=5,
             max_constructor_retry_count=1,
-        ).bind(host, plan.port, {m.name: m.limits for m in plan.models}, plan.api_key_file, plan.access_log)
+        ).bind(
+            host,
+            plan.port,
+            {m.name: m.limits for m in plan.models},
+            plan.api_key_file,
+            plan.access_log,
+            {
+                m.name: (app_name(plan.name, m.name), m.autoscaling.scale_from_zero_timeout_s)
+                for m in plan.models
+                if m.autoscaling is not None and m.autoscaling.scales_to_zero
+            },
+        )
         progress(f"deploying the router on {host}:{plan.port}")
         serve.run_many([serve.RunTarget(target=router, name=app_name(plan.name, "router"), route_prefix=None)],
                        wait_for_applications_running=False)  # fmt: skip

@@ -6,6 +6,12 @@ plus its share of the model's queue) as a custom autoscaling metric (`record_aut
 and the deployment's policy, `follow_the_router`, asks for as many replicas as that load needs at
 `target_ongoing_requests` each. Serve applies the rest of the configuration around it: the bounds,
 the upscale and downscale delays, the smoothing.
+
+With `min_replicas: 0` a model idle past `downscale_delay_s` has no replica at all. A request for
+it then waits in the router's queue while the router asks Serve for a replica the way Serve's own
+proxy would: a call through a deployment handle, which waits at the handle until a replica runs;
+Serve counts it as a queued request and starts one at once (its scale-from-zero path). Past
+`scale_from_zero_timeout_s` the request gets 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ POLICY = "raylm.serving.autoscaling:follow_the_router"
 # 30 s), since an LLM replica takes minutes to start and a burst should start one soon.
 METRICS_INTERVAL_S = 2.0
 LOOK_BACK_PERIOD_S = 10.0
+# An engine's cold start takes minutes on a GPU node (loading weights, compiling graphs).
+DEFAULT_SCALE_FROM_ZERO_TIMEOUT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -33,20 +41,25 @@ class Autoscaling:
     target_ongoing_requests: float = 16
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    # With min_replicas 0: how long a request waits for the model's first replica to start.
+    scale_from_zero_timeout_s: float = DEFAULT_SCALE_FROM_ZERO_TIMEOUT_S
 
     def __post_init__(self) -> None:
-        if not isinstance(self.min_replicas, int) or self.min_replicas < 1:
+        if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
+            raise ConfigError(f"autoscaling: min_replicas must be a whole number >= 0, got {self.min_replicas!r}")
+        if not isinstance(self.max_replicas, int) or self.max_replicas < max(1, self.min_replicas):
             raise ConfigError(
-                f"autoscaling: min_replicas must be a whole number >= 1, got {self.min_replicas!r} "
-                "(scaling to zero is not supported yet)"
+                f"autoscaling: max_replicas must be a whole number >= min_replicas and >= 1, got {self.max_replicas!r}"
             )
-        if not isinstance(self.max_replicas, int) or self.max_replicas < self.min_replicas:
-            raise ConfigError(f"autoscaling: max_replicas must be an int >= min_replicas, got {self.max_replicas!r}")
         if not isinstance(self.target_ongoing_requests, (int, float)) or self.target_ongoing_requests <= 0:
             raise ConfigError(f"autoscaling: target_ongoing_requests must be > 0, got {self.target_ongoing_requests!r}")
-        for name in ("upscale_delay_s", "downscale_delay_s"):
+        for name in ("upscale_delay_s", "downscale_delay_s", "scale_from_zero_timeout_s"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ConfigError(f"autoscaling: {name} must be >= 0 seconds, got {getattr(self, name)!r}")
+
+    @property
+    def scales_to_zero(self) -> bool:
+        return self.min_replicas == 0
 
     def serve_config(self) -> dict[str, Any]:
         """Serve's `autoscaling_config` for the model's deployment."""

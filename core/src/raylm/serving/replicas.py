@@ -37,17 +37,40 @@ REPLICA_DRAIN_S = 30.0
 class RouterReplica:
     """The router of a deployment, on the head node; model replicas register with it."""
 
-    def __init__(self, host: str, port: int, models: dict[str, Limits], api_key_file: str | None, access_log: bool):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        models: dict[str, Limits],
+        api_key_file: str | None,
+        access_log: bool,
+        cold_starts: dict[str, tuple[str, float]],
+    ):
+        """`cold_starts`: the models that scale to zero, each with its Serve app and how long a request waits
+        for its first replica."""
         _log_where_serve_logs()
         keys = KeyFile(api_key_file) if api_key_file else None
+        self.cold_starts = cold_starts
         self.router = RouterThread(
-            models, expire_after_s=EXPIRY_SECONDS, keys=keys, limits=models, access_log=access_log
+            models,
+            expire_after_s=EXPIRY_SECONDS,
+            keys=keys,
+            limits=models,
+            access_log=access_log,
+            cold_starts={model: timeout_s for model, (_, timeout_s) in cold_starts.items()},
+            start_replica=self.start_replica,
         )
         try:
             self.router.start(host, port)
         except OSError as exc:
             raise RuntimeError(f"the router cannot listen on {host}:{port}: {exc}") from None
         logger.info("raylm router listening on http://%s:%d", host, port)
+
+    def start_replica(self, model: str) -> None:
+        """Have Serve start a replica of a model scaled to zero, and return once it runs: a call through the
+        model's deployment handle waits at the handle, which Serve counts as demand (called off the loop)."""
+        app, timeout_s = self.cold_starts[model]
+        serve.get_deployment_handle("Model", app_name=app).wake.remote().result(timeout_s=timeout_s)
 
     def register(self, model: str, url: str, replica_id: str, card: dict | None, api_key: str | None) -> None:
         self.router.call(self.router.table.register, model, url, replica_id, card, api_key)
@@ -140,6 +163,9 @@ class ModelReplica:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+
+    def wake(self) -> None:
+        """What the router calls to start a replica when there is none: answering is all it takes."""
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve asks each replica for its load (with autoscaling): the router is where the requests are."""

@@ -54,11 +54,20 @@ class Router:
         keys: KeyFile | None = None,
         limits: Mapping[str, Limits] | None = None,
         access_log: bool = True,
+        cold_starts: Mapping[str, float] | None = None,
+        start_replica: Callable[[str], None] | None = None,
     ):
         self.table = table
         self.policy = policy or LeastInFlight()
         self.admission = Admission(limits)
         table.on_change = self.admission.replicas_changed
+        # Models that may have no replica (scaled to zero), and how long a request waits for one to start;
+        # `start_replica(model)` asks for one and blocks until it runs (it is called on a worker thread).
+        self.cold_starts = dict(cold_starts or {})
+        if self.cold_starts and start_replica is None:
+            raise ValueError("models that scale to zero need `start_replica`")
+        self.start_replica = start_replica
+        self.starting: set[str] = set()
         self.draining = False  # stopping: requests already taken finish, new ones get 503
         self.access_log = access_log  # a line per model request in the `raylm.access` log
         self.metrics = RouterMetrics(table, self.admission) if metrics else None
@@ -114,13 +123,15 @@ class Router:
         client.reply_raw(200, CONTENT_TYPE, self.metrics.render(await engine_metrics(upstreams)))
 
     def ready(self, client: ClientConnection, *_) -> None:
-        pending = self.table.pending_models()
+        """Ready: every model has a replica, or may have none (scaled to zero: a request starts one)."""
+        idle = [m for m in self.table.pending_models() if m in self.cold_starts]
+        pending = [m for m in self.table.pending_models() if m not in self.cold_starts]
         if self.draining:
             client.reply(503, {"status": "draining"})
         elif pending:
             client.reply(503, {"status": "starting", "pending_models": pending})
         else:
-            client.reply(200, {"status": "ready", "models": self.table.model_names()})
+            client.reply(200, {"status": "ready", "models": self.table.model_names(), "scaled_to_zero": idle})
 
     def model_card(self, client: ClientConnection, name: str) -> None:
         card = next((c for c in self.table.models_payload()["data"] if c["id"] == name), None)
@@ -153,7 +164,7 @@ class Router:
             message = "the endpoint is shutting down; retry on another endpoint or later"
             client.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
             return
-        if not self.table.replicas(model):
+        if not self.table.replicas(model) and model not in self.cold_starts:
             if model in self.table.expected_models:
                 message = f"model {model!r} is starting; retry shortly"
                 client.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
@@ -169,7 +180,7 @@ class Router:
             self.admission.released(model)
             return
         replicas = self.table.replicas(model)
-        if not replicas:  # every replica went away while it waited
+        if not replicas and model not in self.cold_starts:  # every replica went away while it waited
             client.reply(503, error_body(503, f"no replica of model {model!r} is reachable", code="model_unavailable"))
             return
         room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
@@ -188,6 +199,38 @@ class Router:
                 f"{limits.max_queued_requests} waiting); retry shortly"
             )
             client.reply(429, error_body(429, message, code="rate_limit_exceeded"), retry_after_s=RETRY_AFTER_S)
+        elif not replicas:
+            self.wait_for_cold_start(client, model, client.waiting)
+
+    def wait_for_cold_start(self, client: ClientConnection, model: str, waiting: tuple) -> None:
+        """`client` waits for a replica of a model that has none: one is asked for (once for all of them),
+        and the request gets 503 if none runs in time."""
+
+        def give_up() -> None:
+            if client.waiting is waiting:  # still in the queue
+                self.admission.leave(*waiting)
+                client.waiting = None
+                message = f"model {model!r} is scaled to zero and its first replica did not start in {timeout_s:g}s"
+                client.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
+
+        timeout_s = self.cold_starts[model]
+        self.loop.call_later(timeout_s, give_up)
+        if model not in self.starting:
+            self.starting.add(model)
+            self.loop.create_task(self._start_replica(model))
+
+    async def _start_replica(self, model: str) -> None:
+        """Ask for a replica of `model` until it has one or nobody waits for it any more."""
+        try:
+            while self.admission.depth(model) and not self.table.replicas(model):
+                logger.info("model %s: %d request(s) wait; starting a replica", model, self.admission.depth(model))
+                try:
+                    await self.loop.run_in_executor(None, self.start_replica, model)
+                except Exception as exc:  # timed out, or Serve refused: the waiting requests get 503 in time
+                    logger.warning("model %s: starting a replica failed: %s", model, exc)
+                await asyncio.sleep(1.0)  # the replica registers with the router as it starts
+        finally:
+            self.starting.discard(model)
 
     def unfinished(self) -> int:
         """Requests taken and not yet answered: in flight on a replica, or waiting for one."""
