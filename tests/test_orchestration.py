@@ -15,6 +15,7 @@ import raylm
 from raylm.deployments import DEPLOYMENTS
 from raylm.errors import ConfigError, DeploymentError
 from raylm.net import free_port
+from raylm.serving.autoscaling import Autoscaling
 
 CALLS = []
 
@@ -79,6 +80,9 @@ class FakeApps:
         names = [f"raylm-{plan.name}-{e.deployment.name}" for e in engines]
         self.deployed[self.address].extend(names)
         CALLS.append(("deploy", tuple(names)))
+
+    def replica_states(self, apps):
+        return {app: {"running": 1} for app in apps if app in self.deployed.get(self.address, [])}
 
     def wait_running(self, labels, progress, timeout_s):
         if self.fail_waiting:
@@ -219,3 +223,17 @@ def test_stopping_everything_stops_the_rest_when_one_cannot_be_stopped(registry)
     with pytest.raises(DeploymentError, match="could not stop first .*stopped: second"):
         stop(registry)
     assert DEPLOYMENTS.names() == ["first"]
+
+
+def test_status_shows_each_models_replicas_and_bounds(registry):
+    scaled = raylm.ModelDeployment(
+        model="m", name="elastic", engine="checked", autoscaling=Autoscaling(min_replicas=0, max_replicas=3)
+    )
+    serve(registry, plan("orch", raylm.ModelDeployment(model="m", name="small", engine="checked", replicas=2), scaled))
+    (record,) = raylm.status("orch", registry=registry, apps=FakeApps)
+    assert record["replicas"] == {"small": {"running": 1}, "elastic": {"running": 1}}
+    assert record["replica_bounds"] == {"small": [2, 2], "elastic": [0, 3]}
+    RecordingBackend.running.clear()  # the cluster is gone: no replica states, and no connection tried
+    CALLS.clear()
+    (record,) = raylm.status("orch", registry=registry, apps=FakeApps)
+    assert record["replicas"] == {} and CALLS == []

@@ -132,6 +132,7 @@ def serve(
         host=host,
         port=plan.port,
         api_key_file=plan.api_key_file,
+        replica_bounds={m.name: m.replica_bounds for m in plan.models},
     )
     DEPLOYMENTS.save(record)
     try:
@@ -225,14 +226,31 @@ def _record(name: str) -> DeploymentRecord:
     return record
 
 
-def status(name: str | None = None) -> list[dict[str, Any]]:
-    """The deployments raylm started, each with whether its endpoint answers and is ready."""
+def status(
+    name: str | None = None, *, registry: Registry | None = None, apps: AppsFactory = RayServeApps
+) -> list[dict[str, Any]]:
+    """The deployments raylm started, each with whether its endpoint answers and is ready, and each model's
+    replicas by state (`running`, `starting`, ...; empty when the cluster does not answer)."""
     result = []
+    registry = registry or get_registry()
     for each in [name] if name else DEPLOYMENTS.names():
         record = _record(each)
         healthy, ready = http_ok(f"{record.url}/health", 2.0), http_ok(f"{record.url}/ready", 2.0)
-        result.append({**dataclasses.asdict(record), "healthy": healthy, "ready": ready})
+        replicas = _replica_states(record, registry, apps)
+        result.append({**dataclasses.asdict(record), "healthy": healthy, "ready": ready, "replicas": replicas})
     return result
+
+
+def _replica_states(record: DeploymentRecord, registry: Registry, apps: AppsFactory) -> dict[str, dict[str, int]]:
+    backend = make_backend(record.backend, record.backend_options, registry)
+    if backend.status() is None:
+        return {}
+    running = apps(record.address, backend.client_environment())
+    try:
+        states = running.replica_states(record.model_apps)
+    finally:
+        running.close()
+    return {model: states.get(app, {}) for model, app in zip(record.models, record.model_apps)}
 
 
 def stop(

@@ -259,10 +259,14 @@ def status_command(name: str | None, as_json: bool) -> None:
         return
     for record in records:
         state = "ready" if record["ready"] else ("starting" if record["healthy"] else "not answering")
-        click.echo(
-            f"{record['name']}: {state} at {record['url']}/v1, models {', '.join(record['models'])}, "
-            f"backend {record['backend']} ({record['address']})"
-        )
+        where = f"backend {record['backend']} ({record['address']})"
+        click.echo(f"{record['name']}: {state} at {record['url']}/v1, {where}")
+        for model in record["models"]:
+            states = record["replicas"].get(model)
+            now = "cluster not answering" if states is None else ", ".join(f"{n} {s}" for s, n in states.items())
+            low, high = record["replica_bounds"].get(model) or ("?", "?")
+            bounds = f"{low} replica(s)" if low == high else f"{low}-{high} replicas, autoscaled"
+            click.echo(f"  {model}: {now or 'no replica'} ({bounds})")
 
 
 @cli.command("stop")

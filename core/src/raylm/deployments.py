@@ -28,6 +28,8 @@ class DeploymentRecord:
     host: str
     port: int
     api_key_file: str | None = None  # where the router reads the endpoint's keys (the path, never a key)
+    # Each model's replica bounds: [min, max] (the same number twice without autoscaling).
+    replica_bounds: dict[str, list[int]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
     @property

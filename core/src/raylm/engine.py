@@ -82,8 +82,15 @@ class ModelDeployment:
         return Limits(self.max_ongoing_requests, self.max_queued_requests)
 
     @property
+    def replica_bounds(self) -> list[int]:
+        """[min, max] replicas."""
+        if self.autoscaling is None:
+            return [self.replicas, self.replicas]
+        return [self.autoscaling.min_replicas, self.autoscaling.max_replicas]
+
+    @property
     def max_replicas(self) -> int:
-        return self.autoscaling.max_replicas if self.autoscaling else self.replicas
+        return self.replica_bounds[1]
 
     def describe_replicas(self) -> str:
         if self.autoscaling is None:

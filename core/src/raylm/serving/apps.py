@@ -60,6 +60,20 @@ class RayServeApps:
         statuses = _serve().status().applications
         return [app for app in apps if app in statuses]
 
+    def replica_states(self, apps: Sequence[str]) -> dict[str, dict[str, int]]:
+        """How many replicas each app has in each state (`running`, `starting`, `stopping`, ...)."""
+        statuses = _serve().status().applications
+        return {
+            app: {
+                state.lower(): count
+                for deployment in statuses[app].deployments.values()
+                for state, count in deployment.replica_states.items()
+                if count
+            }
+            for app in apps
+            if app in statuses
+        }
+
     def deploy_router(self, plan: ServePlan, host: str, progress: Progress) -> None:
         """Start Serve and the deployment's router app, without waiting for it."""
         from raylm.serving.replicas import HEAD_NODE_RESOURCE, RouterReplica
