@@ -116,9 +116,10 @@ def scale_from_zero(url: str) -> dict:
     started = time.monotonic()
     with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=600) as response:
         response.raise_for_status()
-        first_token = next(line for line in response.iter_lines() if line.startswith("data: {"))
+        lines = response.iter_lines()
+        first_token = next(line for line in lines if line.startswith("data: {"))
         first = time.monotonic() - started
-        body = first_token + "".join(response.iter_lines())
+        body = first_token + "".join(lines)
     idle_since = time.monotonic()
     first_time(lambda: replicas_registered(url, "idle") == 0, 300)
     return {

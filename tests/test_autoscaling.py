@@ -35,7 +35,7 @@ SCALED_TO_ZERO = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 5, 
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory, tiny_llama):
+def deployment(tmp_path_factory, tiny_llama):
     home = tmp_path_factory.mktemp("home")
     env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     port = free_port()
@@ -50,7 +50,7 @@ def endpoint(tmp_path_factory, tiny_llama):
     assert started.returncode == 0, started.stderr
     assert "tiny: 1-2 replicas, autoscaled (2 requests each)" in started.stderr
     assert "idle: 0-1 replicas, autoscaled" in started.stderr
-    yield f"http://127.0.0.1:{port}"
+    yield {"url": f"http://127.0.0.1:{port}", "env": env}
     stopped = run_cli("stop", "elastic", env=env)
     assert stopped.returncode == 0, stopped.stderr
     assert leftovers(ray_temp_dir(home, "elastic"), "elastic", "tiny", "idle") == []
@@ -80,7 +80,8 @@ def wait_for_replicas(endpoint, count, timeout_s, model="tiny"):
     )
 
 
-def test_the_load_brings_a_replica_and_takes_it_away_without_cutting_a_stream(endpoint):
+def test_the_load_brings_a_replica_and_takes_it_away_without_cutting_a_stream(deployment):
+    endpoint = deployment["url"]
     assert replicas(endpoint) == 1
     busy = Streams(endpoint, "tiny", count=6)
     try:
@@ -106,7 +107,15 @@ def idle_engines():
     return processes_matching("vllm.entrypoints", "--served-model-name idle ")
 
 
-def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_zero(endpoint):
+def status_lines(deployment):
+    return run_cli("status", "elastic", env=deployment["env"]).stdout.splitlines()[1:]
+
+
+def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_zero(deployment):
+    endpoint = deployment["url"]
+    tiny, idle = status_lines(deployment)  # tiny's second replica may still be stopping
+    assert tiny.startswith("  tiny: 1 running") and tiny.endswith(" (1-2 replicas, autoscaled)")
+    assert idle == "  idle: no replica (0-1 replicas, autoscaled)"
     ready = httpx.get(f"{endpoint}/ready")
     assert ready.status_code == 200 and ready.json()["scaled_to_zero"] == ["idle"]
     assert replicas(endpoint, "idle") == 0 and idle_engines() == []
@@ -116,6 +125,7 @@ def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_ze
     print(f"scaled to zero: first answer after {time.monotonic() - started:.1f}s")
     assert answer.choices[0].text and answer.usage.completion_tokens == 8
     assert replicas(endpoint, "idle") == 1
+    assert "  idle: 1 running (0-1 replicas, autoscaled)" in status_lines(deployment)
     wait_for_replicas(endpoint, 0, timeout_s=120, model="idle")
     wait_until(
         lambda: idle_engines() == [],
