@@ -100,7 +100,7 @@ def load_step(url: str, apps: RayServeApps) -> dict:
     return {
         "deciding (s)": decided - step,
         "placing + replica + engine start (s)": registered - decided,
-        "  of which the engine's own start (s)": engine,
+        "  of which tiny's engine start (s)": engine,
         "  of which the replica adds (s)": registered - decided - engine,
         "registered -> taking requests (s)": serving - registered,
         "load step -> second replica serving (s)": serving - step,
@@ -124,7 +124,7 @@ def scale_from_zero(url: str) -> dict:
     first_time(lambda: replicas_registered(url, "idle") == 0, 300)
     return {
         "first request -> first token (s)": first,
-        "  of which the engine's own start (s)": engine_starts("idle")[-1],
+        "  of which idle's engine start (s)": engine_starts("idle")[-1],
         "answered whole": body.rstrip().endswith("data: [DONE]"),
         "idle -> no replica (s)": time.monotonic() - idle_since,
     }
