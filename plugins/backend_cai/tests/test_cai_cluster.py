@@ -132,7 +132,8 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     assert_not_in_command_lines(secrets)
 
     status = console("status", "tiny", "--json", env=session_env)
-    assert json.loads(status.stdout)[0]["ready"] is True
+    (record,) = json.loads(status.stdout)
+    assert record["ready"] is True and record["replicas"] == {"tiny": {"running": 1}}
     assert console("stop", "tiny", env=session_env).returncode == 0
 
     scaled = console("cluster", "scale", "--backend", "cai", "--cluster", "main", "--workers", "1", env=session_env)
