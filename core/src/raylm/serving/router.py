@@ -124,8 +124,9 @@ class Router:
 
     def ready(self, client: ClientConnection, *_) -> None:
         """Ready: every model has a replica, or may have none (scaled to zero: a request starts one)."""
-        idle = [m for m in self.table.pending_models() if m in self.cold_starts]
-        pending = [m for m in self.table.pending_models() if m not in self.cold_starts]
+        without_replica = self.table.pending_models()
+        idle = [m for m in without_replica if m in self.cold_starts]
+        pending = [m for m in without_replica if m not in self.cold_starts]
         if self.draining:
             client.reply(503, {"status": "draining"})
         elif pending:
