@@ -77,8 +77,10 @@ class Admission:
         in order (soon, not within the release: a woken request whose client left passes its turn on,
         and so on, without recursion)."""
         queue = self.queues.get(model)
-        loop = asyncio.get_running_loop()
-        for _ in range(min(count, len(queue or ()))):
+        if not queue:  # the common case, on every answered request: nothing to wake
+            return
+        loop = asyncio.get_running_loop()  # (a getpid system call each time: not on the common path)
+        for _ in range(min(count, len(queue))):
             loop.call_soon(queue.popleft())
 
     def replicas_changed(self, model: str, replicas: list[Upstream]) -> None:

@@ -214,7 +214,8 @@ class ClientConnection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if seconds is not None and self.transport is not None:
-            self.timer = asyncio.get_running_loop().call_later(seconds, self.timed_out, answer)
+            # The router's loop, not asyncio.get_running_loop(): that makes a getpid system call each time.
+            self.timer = self.router.loop.call_later(seconds, self.timed_out, answer)
 
     def timed_out(self, answer: tuple[int, str] | None) -> None:
         self.timer = None
