@@ -6,6 +6,8 @@ import socket
 import pytest
 from clitools import run_raylm_probed
 
+from raylm.deployments import DEPLOYMENTS, DeploymentRecord
+
 
 def test_version():
     code, out, _, _ = run_raylm_probed("--version")
@@ -149,6 +151,22 @@ def test_stop_and_status_of_an_unknown_deployment(tmp_home):
     assert_one_line_error(code, err, "no deployment named 'ghost'; running: none")
     code, out, _, _ = run_raylm_probed("status", env=tmp_home)
     assert code == 0 and out.strip() == "no deployments running"
+
+
+def test_status_of_a_deployment_whose_cluster_is_gone_is_one_line(tmp_home):
+    record = DeploymentRecord(
+        name="orphan", url="http://127.0.0.1:1", models=("tiny",), router_app="raylm-orphan-router",
+        model_apps=("raylm-orphan-tiny",), backend="local", backend_options={"cluster": "orphan"},
+        address="127.0.0.1:1", owns_cluster=True, head_is_local=True, host="127.0.0.1", port=1,
+    )  # fmt: skip
+    DEPLOYMENTS.save(record)  # what `raylm serve` left, its Ray head since killed
+    code, out, _, _ = run_raylm_probed("status", env=tmp_home)
+    assert code == 0 and out.splitlines() == [
+        "orphan: not answering: its cluster (backend local (127.0.0.1:1)) is not running (stopped or killed); "
+        "`raylm stop orphan` ends what is left"
+    ]
+    code, _, err, _ = run_raylm_probed("stop", "orphan", env=tmp_home)
+    assert code == 0 and err.strip().endswith("stopped orphan") and DEPLOYMENTS.load("orphan") is None
 
 
 def test_unknown_backend_option_in_a_deployment_file(tiny_llama, tmp_path, tmp_home):

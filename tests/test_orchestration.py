@@ -236,4 +236,4 @@ def test_status_shows_each_models_replicas_and_bounds(registry):
     RecordingBackend.running.clear()  # the cluster is gone: no replica states, and no connection tried
     CALLS.clear()
     (record,) = raylm.status("orch", registry=registry, apps=FakeApps)
-    assert record["replicas"] == {} and CALLS == []
+    assert record["cluster_running"] is False and record["replicas"] == {} and CALLS == []

@@ -229,22 +229,24 @@ def _record(name: str) -> DeploymentRecord:
 def status(
     name: str | None = None, *, registry: Registry | None = None, apps: AppsFactory = RayServeApps
 ) -> list[dict[str, Any]]:
-    """The deployments raylm started, each with whether its endpoint answers and is ready, and each model's
-    replicas by state (`running`, `starting`, ...; empty when the cluster does not answer)."""
+    """The deployments raylm started, each with whether its endpoint answers and is ready, whether its
+    cluster runs, and each model's replicas by state (`running`, `starting`, ...)."""
     result = []
     registry = registry or get_registry()
     for each in [name] if name else DEPLOYMENTS.names():
         record = _record(each)
         healthy, ready = http_ok(f"{record.url}/health", 2.0), http_ok(f"{record.url}/ready", 2.0)
-        replicas = _replica_states(record, registry, apps)
-        result.append({**dataclasses.asdict(record), "healthy": healthy, "ready": ready, "replicas": replicas})
+        backend = make_backend(record.backend, record.backend_options, registry)
+        cluster_running = backend.status() is not None
+        replicas = _replica_states(record, backend, apps) if cluster_running else {}
+        result.append({
+            **dataclasses.asdict(record), "healthy": healthy, "ready": ready, "cluster_running": cluster_running,
+            "replicas": replicas,
+        })  # fmt: skip
     return result
 
 
-def _replica_states(record: DeploymentRecord, registry: Registry, apps: AppsFactory) -> dict[str, dict[str, int]]:
-    backend = make_backend(record.backend, record.backend_options, registry)
-    if backend.status() is None:
-        return {}
+def _replica_states(record: DeploymentRecord, backend: Backend, apps: AppsFactory) -> dict[str, dict[str, int]]:
     running = apps(record.address, backend.client_environment())
     try:
         states = running.replica_states(record.model_apps)

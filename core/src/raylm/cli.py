@@ -260,10 +260,16 @@ def status_command(name: str | None, as_json: bool) -> None:
     for record in records:
         state = "ready" if record["ready"] else ("starting" if record["healthy"] else "not answering")
         where = f"backend {record['backend']} ({record['address']})"
+        if not record["cluster_running"]:
+            click.echo(
+                f"{record['name']}: {state}: its cluster ({where}) is not running (stopped or killed); "
+                f"`raylm stop {record['name']}` ends what is left"
+            )
+            continue
         click.echo(f"{record['name']}: {state} at {record['url']}/v1, {where}")
         for model in record["models"]:
-            states = record["replicas"].get(model)
-            now = "cluster not answering" if states is None else ", ".join(f"{n} {s}" for s, n in states.items())
+            states = record["replicas"].get(model, {})
+            now = ", ".join(f"{n} {s}" for s, n in states.items())
             low, high = record["replica_bounds"].get(model) or ("?", "?")
             bounds = f"{low} replica(s)" if low == high else f"{low}-{high} replicas, autoscaled"
             click.echo(f"  {model}: {now or 'no replica'} ({bounds})")

@@ -87,7 +87,7 @@ def test_an_address_where_nothing_listens_is_a_clear_error(raylm_home):
         LocalBackend({"address": "127.0.0.1:1"}).up(print)
 
 
-def test_a_dead_head_is_forgotten(raylm_home):
+def test_a_dead_head_is_forgotten_and_down_ends_what_it_left(raylm_home):
     head = LocalBackend({"cluster": "dies", "num_cpus": 2})
     head.up(print)
     head_pid = CLUSTERS.load("dies")["pid"]
@@ -96,8 +96,12 @@ def test_a_dead_head_is_forgotten(raylm_home):
     try:
         assert head.status() is None
         assert CLUSTERS.load("dies") is None
+        messages = []
+        head.down(messages.append)  # SIGKILL skipped Ray's own cleanup: its other processes may still run
+        assert processes_matching(str(head.ray_temp_dir)) == []
+        assert not messages or messages[0].startswith("stopping what is left of the local cluster 'dies' (")
     finally:
-        for line in processes_matching(str(head.ray_temp_dir)):  # SIGKILL skipped Ray's own cleanup
+        for line in processes_matching(str(head.ray_temp_dir)):
             psutil.Process(int(line.split(":")[0])).kill()
 
 

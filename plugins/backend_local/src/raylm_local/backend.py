@@ -175,12 +175,14 @@ class LocalBackend(Backend):
             progress(f"leaving the Ray cluster at {self.options['address']} running: raylm did not start it")
             return
         record = CLUSTERS.load(self.cluster_name)
-        if record is None:
+        # Every process of the cluster carries its marker: Ray's, its workers' and what they started. They
+        # are looked for even without a record: a head that died (and was forgotten) can leave the rest.
+        members = marked_processes(CLUSTER_MARKER, str(self.ray_temp_dir))
+        if record is None and not members:
             return
-        # Every process of the cluster carries its marker: Ray's, its workers' and what they started.
-        members = marked_processes(CLUSTER_MARKER, record["temp_dir"])
-        head = next((p for p in members if p.pid == record["pid"] and _is_our_ray_head(p.pid)), None)
-        progress(f"stopping the local Ray head {self.cluster_name!r} ({len(members)} processes)")
+        head = next((p for p in members if record and p.pid == record["pid"] and _is_our_ray_head(p.pid)), None)
+        what = "the local Ray head" if head else "what is left of the local cluster"
+        progress(f"stopping {what} {self.cluster_name!r} ({len(members)} processes)")
         # `ray start --block` stops every Ray process it started when it gets SIGTERM.
         killed = end_processes(members, STOP_GRACE_S, leader=head)
         if killed:
