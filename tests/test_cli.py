@@ -166,7 +166,7 @@ def test_status_of_a_deployment_whose_cluster_is_gone_is_one_line(tmp_home):
         "`raylm stop orphan` ends what is left"
     ]
     code, _, err, _ = run_raylm_probed("stop", "orphan", env=tmp_home)
-    assert code == 0 and err[-1] == "stopped orphan" and DEPLOYMENTS.load("orphan") is None
+    assert code == 0 and err[-1] == "raylm: stopped orphan" and DEPLOYMENTS.load("orphan") is None
 
 
 def test_unknown_backend_option_in_a_deployment_file(tiny_llama, tmp_path, tmp_home):
