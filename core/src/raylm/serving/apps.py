@@ -63,16 +63,7 @@ class RayServeApps:
     def replica_states(self, apps: Sequence[str]) -> dict[str, dict[str, int]]:
         """How many replicas each app has in each state (`running`, `starting`, `stopping`, ...)."""
         statuses = _serve().status().applications
-        return {
-            app: {
-                state.lower(): count
-                for deployment in statuses[app].deployments.values()
-                for state, count in deployment.replica_states.items()
-                if count
-            }
-            for app in apps
-            if app in statuses
-        }
+        return {app: _replica_counts(statuses[app]) for app in apps if app in statuses}
 
     def deploy_router(self, plan: ServePlan, host: str, progress: Progress) -> None:
         """Start Serve and the deployment's router app, without waiting for it."""
@@ -154,12 +145,7 @@ class RayServeApps:
                     raise DeploymentError(f"{label} failed to start: {_failure_message(status)}")
                 if state != "RUNNING":
                     waiting.append(label)
-                replicas = [
-                    f"{n} {s.lower()}"
-                    for d in (status.deployments.values() if status else ())
-                    for s, n in d.replica_states.items()
-                    if n
-                ]
+                replicas = [f"{n} {s}" for s, n in (_replica_counts(status) if status else {}).items()]
                 changes.show(label, state.lower() + (f" ({', '.join(replicas)})" if replicas else ""))
             return not waiting
 
@@ -214,3 +200,13 @@ def _failure_message(status: Any) -> str:
         return text[ours + len(RAYLM_ERROR_PREFIX) :]
     lines = [line for line in text.splitlines() if line.strip()]
     return "\n".join(lines[-14:]) if lines else "no message from Ray Serve"
+
+
+def _replica_counts(status: Any) -> dict[str, int]:
+    """An app's replicas by state (`running`, `starting`, ...), from Serve's `ApplicationStatusOverview`."""
+    return {
+        state.lower(): count
+        for deployment in status.deployments.values()
+        for state, count in deployment.replica_states.items()
+        if count
+    }
