@@ -31,7 +31,6 @@ os.environ.update(RAYLM_HOME=str(HOME), HF_HUB_OFFLINE="1")  # before raylm read
 
 import httpx  # noqa: E402
 import yaml  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,6 +43,7 @@ from raylm.plugins import get_registry  # noqa: E402
 from raylm.serving.apps import RayServeApps, app_name  # noqa: E402
 from raylm.testing.cli import run_raylm  # noqa: E402
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS, build_tiny_llama  # noqa: E402
+from raylm.testing.replicas import replicas_registered, replicas_serving  # noqa: E402
 from raylm.testing.streams import Streams  # noqa: E402
 from raylm.waiting import wait_until  # noqa: E402
 from raylm_local.backend import ray_temp_dir  # noqa: E402
@@ -54,20 +54,6 @@ TINY = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "ups
         "downscale_delay_s": 10}  # fmt: skip
 IDLE = {"min_replicas": 0, "max_replicas": 1, "downscale_delay_s": 10}
 ENGINE_READY = re.compile(r"model (\S+): engine ready at \S+ after ([0-9.]+)s")
-
-
-def replicas_registered(url: str, model: str) -> int:
-    return next(card["replicas"] for card in httpx.get(f"{url}/v1/models").json()["data"] if card["id"] == model)
-
-
-def replicas_serving(url: str) -> int:
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return sum(
-        1
-        for family in families
-        for sample in family.samples
-        if sample.name == "raylm_replica_requests_in_flight" and sample.labels["model"] == "tiny" and sample.value > 0
-    )
 
 
 def engine_starts(model: str) -> list[float]:
@@ -90,7 +76,7 @@ def load_step(url: str, apps: RayServeApps) -> dict:
     busy = Streams(url, "tiny", count=15)  # 16 streams in all
     decided = first_time(lambda: sum(apps.replica_states([tiny_app])[tiny_app].values()) >= 2, 120)
     registered = first_time(lambda: replicas_registered(url, "tiny") == 2, 600)
-    serving = first_time(lambda: replicas_serving(url) == 2, 60)
+    serving = first_time(lambda: len(replicas_serving(url, "tiny")) == 2, 60)
     outcomes = busy.stop()
     down_started = time.monotonic()
     first_time(lambda: replicas_registered(url, "tiny") == 1, 300)

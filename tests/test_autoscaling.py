@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from servetools import Streams, free_port, leftovers, run_cli
 
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.testing.processes import processes_matching
+from raylm.testing.replicas import replicas_registered, replicas_serving
 from raylm.waiting import wait_until
 from raylm_local.backend import ray_temp_dir
 
@@ -56,41 +56,26 @@ def deployment(tmp_path_factory, tiny_llama):
     assert leftovers(ray_temp_dir(home, "elastic"), "elastic", "tiny", "idle") == []
 
 
-def replicas(endpoint, model="tiny"):
-    return next(card["replicas"] for card in httpx.get(f"{endpoint}/v1/models").json()["data"] if card["id"] == model)
-
-
-def replicas_serving(endpoint):
-    """The replicas with requests in flight now, as the router's metrics say."""
-    scraped = httpx.get(f"{endpoint}/metrics").text
-    return {
-        sample.labels["replica"]
-        for family in text_string_to_metric_families(scraped)
-        for sample in family.samples
-        if sample.name == "raylm_replica_requests_in_flight" and sample.value > 0
-    }
-
-
 def wait_for_replicas(endpoint, count, timeout_s, model="tiny"):
     wait_until(
-        lambda: replicas(endpoint, model) == count,
+        lambda: replicas_registered(endpoint, model) == count,
         timeout_s=timeout_s,
         poll_s=1.0,
-        on_timeout=lambda: AssertionError(f"{model}: {replicas(endpoint, model)} replicas, not {count}"),
+        on_timeout=lambda: AssertionError(f"{model}: {replicas_registered(endpoint, model)} replicas, not {count}"),
     )
 
 
 def test_the_load_brings_a_replica_and_takes_it_away_without_cutting_a_stream(deployment):
     endpoint = deployment["url"]
-    assert replicas(endpoint) == 1
+    assert replicas_registered(endpoint, "tiny") == 1
     busy = Streams(endpoint, "tiny", count=6)
     try:
         wait_for_replicas(endpoint, 2, timeout_s=300)
         wait_until(
-            lambda: len(replicas_serving(endpoint)) == 2,
+            lambda: len(replicas_serving(endpoint, "tiny")) == 2,
             timeout_s=30,
             poll_s=0.2,
-            on_timeout=lambda: AssertionError(f"only {replicas_serving(endpoint)} serve requests"),
+            on_timeout=lambda: AssertionError(f"only {replicas_serving(endpoint, 'tiny')} serve requests"),
         )
     finally:
         upscaled = busy.stop()
@@ -118,13 +103,13 @@ def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_ze
     assert idle == "  idle: no replica (0-1 replicas, autoscaled)"
     ready = httpx.get(f"{endpoint}/ready")
     assert ready.status_code == 200 and ready.json()["scaled_to_zero"] == ["idle"]
-    assert replicas(endpoint, "idle") == 0 and idle_engines() == []
+    assert replicas_registered(endpoint, "idle") == 0 and idle_engines() == []
     client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=300)
     started = time.monotonic()
     answer = client.completions.create(model="idle", prompt="Hello", max_tokens=8)
     print(f"scaled to zero: first answer after {time.monotonic() - started:.1f}s")
     assert answer.choices[0].text and answer.usage.completion_tokens == 8
-    assert replicas(endpoint, "idle") == 1
+    assert replicas_registered(endpoint, "idle") == 1
     assert "  idle: 1 running (0-1 replicas, autoscaled)" in status_lines(deployment)
     wait_for_replicas(endpoint, 0, timeout_s=120, model="idle")
     wait_until(
