@@ -82,8 +82,13 @@ def start(workload: Workload, command: list[str], cwd: Path, env: dict[str, str]
 def end(workload: Workload, pods_root: Path) -> bool:
     """End a pod like a container runtime: SIGTERM to its first process, SIGKILL to all of it after the
     grace time. True when something had to be killed."""
+    folder = workload.folder(pods_root)
     first = psutil.Process(workload.process.pid) if workload.process.poll() is None else None
-    killed = end_processes(members(workload.folder(pods_root)), STOP_GRACE_S, leader=first)
+    killed = end_processes(members(folder), STOP_GRACE_S, leader=first)
+    # Like a container runtime's cgroup kill: what the pod started while it was stopping (a raylet
+    # starting workers) goes too.
+    while stragglers := members(folder):
+        killed += end_processes(stragglers, grace_s=0)
     workload.process.wait()
     return bool(killed)
 
