@@ -72,6 +72,23 @@ def test_the_embedded_head_runs_workers_with_its_settings_and_the_environment_wi
     assert seen["session"] == os.getsid(0), "Ray's workers must stay in the session that started the head"
 
 
+def test_a_ray_token_left_in_home_does_not_lock_the_driver_out(raylm_home, monkeypatch, tmp_path):
+    # A local `ray.init()` writes ~/.ray/auth_token; a `ray start` after it turns token auth on by itself
+    # (RAY_AUTH_MODE unset), which a driver of the same user, also unset, is then refused by.
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a-token-of-an-earlier-ray-init")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    head = LocalBackend({"cluster": "token-in-home", "num_cpus": 2})
+    address = head.up(print).address
+    try:
+        driver = subprocess.run(
+            [sys.executable, "-c", WORKER_SETTINGS, address, "[]"], capture_output=True, text=True, timeout=120
+        )
+    finally:
+        head.down(print)
+    assert driver.returncode == 0, driver.stderr
+
+
 def test_connecting_by_address_never_stops_that_cluster(running_head):
     guest = LocalBackend({"cluster": "guest", "address": running_head.address})
     assert not guest.head_is_local

@@ -23,6 +23,10 @@ CLUSTERS = Records("clusters/local")
 CLUSTER_MARKER = "RAYLM_LOCAL_CLUSTER"
 START_TIMEOUT_S = 120
 STOP_GRACE_S = 15
+# Said, not left to Ray: with RAY_AUTH_MODE unset, `ray start` turns token auth on whenever some earlier
+# `ray.init()` left ~/.ray/auth_token, and refuses raylm's driver (unset too). The head listens on
+# 127.0.0.1 only; a RAY_AUTH_MODE in the user's environment wins, for the head and the driver alike.
+AUTH_ENVIRONMENT = {"RAY_AUTH_MODE": "disabled"}
 
 
 # Ray binds these ports some time after we pick them: below the ephemeral range, apart from Ray's defaults.
@@ -103,7 +107,10 @@ class LocalBackend(Backend):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 process_group=0,
-                env={**serving_node_environment(os.environ, head=True), CLUSTER_MARKER: str(temp_dir)},
+                env={
+                    **serving_node_environment({**AUTH_ENVIRONMENT, **os.environ}, head=True),
+                    CLUSTER_MARKER: str(temp_dir),
+                },
             )
         address = f"127.0.0.1:{gcs_port}"
         CLUSTERS.save(
