@@ -9,7 +9,7 @@ import contextlib
 import ctypes
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,10 +45,16 @@ def supervised(python: str, command: list[str], grace_s: float) -> list[str]:
 
 
 def end_processes(
-    processes: Iterable[psutil.Process], grace_s: float, leader: psutil.Process | None = None
+    processes: Iterable[psutil.Process],
+    grace_s: float,
+    leader: psutil.Process | None = None,
+    find: Callable[[], list[psutil.Process]] | None = None,
 ) -> list[psutil.Process]:
     """SIGTERM every process (only `leader`, when given: it stops the others itself), wait up to
-    `grace_s` for all, SIGKILL the rest; return the ones killed. Children of this process are reaped."""
+    `grace_s` for all, SIGKILL the rest. With `find` (what finds the set again), SIGKILL whatever it still
+    finds until it finds nothing new, as a cgroup kill would: processes started while the others stopped
+    (a raylet starting workers, which exit by themselves soon after). Return the ones that outlived the
+    grace time. Children of this process are reaped."""
     import psutil  # here, not at import: `raylm plugins` loads this module and needs no psutil
 
     processes = list(processes)
@@ -56,12 +62,22 @@ def end_processes(
         with contextlib.suppress(psutil.Error):
             process.terminate()
     _, alive = psutil.wait_procs(processes, timeout=grace_s)
-    for process in alive:
+    _kill(alive)
+    ended = list(alive)
+    while find is not None and (stragglers := [process for process in find() if process not in ended]):
+        _kill(stragglers)
+        ended += stragglers
+    return alive
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    import psutil
+
+    for process in processes:
         with contextlib.suppress(psutil.Error):
             process.kill()
     # SIGKILL is final, but a process of many threads on a busy machine takes a while to finish dying.
-    psutil.wait_procs(alive, timeout=KILL_WAIT_S)
-    return alive
+    psutil.wait_procs(processes, timeout=KILL_WAIT_S)
 
 
 def marked_processes(key: str, value: str) -> list[psutil.Process]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -184,14 +185,16 @@ class LocalBackend(Backend):
         record = CLUSTERS.load(self.cluster_name)
         # Every process of the cluster carries its marker: Ray's, its workers' and what they started. They
         # are looked for even without a record: a head that died (and was forgotten) can leave the rest.
-        members = marked_processes(CLUSTER_MARKER, str(self.ray_temp_dir))
+        find_members = functools.partial(marked_processes, CLUSTER_MARKER, str(self.ray_temp_dir))
+        members = find_members()
         if record is None and not members:
             return
         head = next((p for p in members if record and p.pid == record["pid"] and _is_our_ray_head(p.pid)), None)
         what = "the local Ray head" if head else "what is left of the local cluster"
         progress(f"stopping {what} {self.cluster_name!r} ({len(members)} processes)")
-        # `ray start --block` stops every Ray process it started when it gets SIGTERM.
-        killed = end_processes(members, STOP_GRACE_S, leader=head)
+        # `ray start --block` stops every Ray process it started when it gets SIGTERM; what starts while
+        # it stops (a raylet starting workers) is found again and killed.
+        killed = end_processes(members, STOP_GRACE_S, leader=head, find=find_members)
         if killed:
             progress(f"{len(killed)} processes of the cluster did not stop within {STOP_GRACE_S}s; killed them")
         CLUSTERS.delete(self.cluster_name)

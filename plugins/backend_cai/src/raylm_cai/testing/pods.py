@@ -84,11 +84,8 @@ def end(workload: Workload, pods_root: Path) -> bool:
     grace time. True when something had to be killed."""
     folder = workload.folder(pods_root)
     first = psutil.Process(workload.process.pid) if workload.process.poll() is None else None
-    killed = end_processes(members(folder), STOP_GRACE_S, leader=first)
-    # Like a container runtime's cgroup kill: what the pod started while it was stopping (a raylet
-    # starting workers) goes too.
-    while stragglers := members(folder):
-        killed += end_processes(stragglers, grace_s=0)
+    # Like a container runtime's cgroup kill: what the pod starts while it stops goes too.
+    killed = end_processes(members(folder), STOP_GRACE_S, leader=first, find=lambda: members(folder))
     workload.process.wait()
     return bool(killed)
 
