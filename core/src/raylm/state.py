@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Any
 
 
+def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write `text` to `path` so that a reader sees the old content or the new, never half of it; a new
+    file gets `mode` from its creation on (0o600: never readable by others, not even for a moment)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
+        file.write(text)
+    temporary.replace(path)
+
+
 def raylm_home() -> Path:
     return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm")
 
@@ -30,9 +40,7 @@ class Records:
 
     def save(self, name: str, record: dict[str, Any]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        temporary = self.path(name).with_suffix(".tmp")
-        temporary.write_text(json.dumps(record, indent=2))
-        temporary.replace(self.path(name))  # atomic: a reader never sees half a record
+        write_atomically(self.path(name), json.dumps(record, indent=2))
 
     def load(self, name: str) -> dict[str, Any] | None:
         try:

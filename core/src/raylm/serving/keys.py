@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from raylm.errors import ConfigError
-from raylm.state import raylm_home
+from raylm.state import raylm_home, write_atomically
 
 logger = logging.getLogger("raylm.router")
 
@@ -70,9 +70,7 @@ def endpoint_key_file(deployment: str, given: str | None, environ: Mapping[str, 
             return None
         path = key_file_from_environment(deployment)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)  # created anew, so that it is created 0600
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-            file.write(key + "\n")
+        write_atomically(path, key + "\n", mode=0o600)
         given = str(path)
     try:
         KeyFile(given)
