@@ -12,6 +12,7 @@ import pytest
 from doubles import NullEngine
 
 import raylm
+from raylm.config import load_plan_file, plan_document
 from raylm.deployments import DEPLOYMENTS
 from raylm.errors import ConfigError, DeploymentError
 from raylm.net import free_port
@@ -38,6 +39,12 @@ class RecordingBackend(raylm.Backend):
     def down(self, progress):
         CALLS.append(("down", self.cluster_name))
         self.running.discard(self.cluster_name)
+
+    def remember_plan(self, plan):
+        CALLS.append(("remember", plan.name))
+
+    def forget_plan(self, name):
+        CALLS.append(("forget", name))
 
 
 class CheckedEngine(NullEngine):
@@ -141,6 +148,7 @@ def test_serving_starts_the_cluster_deploys_and_remembers_it(registry):
         ("deploy", ("raylm-orch-router",)),
         ("deploy", ("raylm-orch-small",)),
         ("close", "127.0.0.1:4"),
+        ("remember", "orch"),
     ]
     record = DEPLOYMENTS.load("orch")
     assert record.owns_cluster and record.apps == ("raylm-orch-router", "raylm-orch-small")
@@ -151,6 +159,7 @@ def test_stopping_drains_then_deletes_models_then_the_router_and_the_cluster_it_
     CALLS.clear()
     assert stop(registry, "orch") == ["orch"]
     assert CALLS == [
+        ("forget", "orch"),
         ("connect", "127.0.0.1:4"),
         ("drain", "raylm-orch-router"),
         ("delete", ("raylm-orch-small",)),
@@ -179,6 +188,7 @@ def test_a_start_that_fails_stops_everything_it_started(registry):
         serve(registry, plan())
     assert FakeApps.deployed["127.0.0.1:4"] == []
     assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
+    assert ("remember", "orch") not in CALLS, "a plan that never served is not kept to serve again"
 
 
 def test_a_bad_engine_argument_deploys_no_model_and_stops_what_started_meanwhile(registry):
@@ -237,3 +247,34 @@ def test_status_shows_each_models_replicas_and_bounds(registry):
     CALLS.clear()
     (record,) = raylm.status("orch", registry=registry, apps=FakeApps)
     assert record["cluster_running"] is False and record["replicas"] == {} and CALLS == []
+
+
+def test_a_plan_written_as_a_deployment_file_reads_back_the_same(tmp_path, monkeypatch):
+    import yaml
+
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "keys").write_text("sk-1\n")
+    monkeypatch.chdir(tmp_path)
+    models = (
+        raylm.ModelDeployment(
+            model="models/tiny", name="tiny", engine="vllm", engine_args=("--max-model-len", "256"), replicas=2,
+            python="/opt/venv/bin/python", env={"VLLM_LOGGING_LEVEL": "WARNING"}, max_queued_requests=7,
+        ),
+        raylm.ModelDeployment(
+            model="org/hub-model", name="hub", engine="sglang", autoscaling=Autoscaling(min_replicas=0, max_replicas=3)
+        ),
+    )  # fmt: skip
+    written = raylm.ServePlan(
+        models=models, name="demo", host="0.0.0.0", port=8100, backend="cai", backend_options={"cluster": "main"},
+        api_key_file="keys", access_log=False,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "demo.yaml").write_text(yaml.safe_dump(plan_document(written)))
+    monkeypatch.chdir(elsewhere)
+    read = load_plan_file(elsewhere / "demo.yaml")
+    assert read == dataclasses.replace(
+        written,
+        models=(dataclasses.replace(models[0], model=str(tmp_path / "models/tiny")), models[1]),
+        api_key_file=str(tmp_path / "keys"),
+    )

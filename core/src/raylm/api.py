@@ -151,6 +151,7 @@ def serve(
         progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
         stop(plan.name, progress=progress, registry=registry, apps=apps, drain_timeout_s=0)  # nothing served yet
         raise
+    backend.remember_plan(dataclasses.replace(plan, backend=backend_name))
     progress(f"serving {', '.join(record.models)} at {url}/v1")
     return Deployment(name=plan.name, url=url, models=record.models)
 
@@ -270,6 +271,7 @@ def stop(
         return _stop_all(progress, registry, apps, drain_timeout_s)
     record = _record(name)
     backend = make_backend(record.backend, record.backend_options, registry)
+    backend.forget_plan(name)
     if backend.status() is not None:
         running = apps(record.address, backend.client_environment())
         try:

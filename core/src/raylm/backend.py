@@ -5,10 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylm.errors import ClusterError
 from raylm.net import address_answers
+
+if TYPE_CHECKING:
+    from raylm.config import ServePlan
 
 Progress = Callable[[str], None]
 
@@ -76,6 +79,13 @@ class Backend(ABC):
     def scale(self, workers: int, progress: Progress) -> ClusterStatus:
         """Change the number of worker nodes."""
         raise ClusterError(f"the {type(self).__name__} backend cannot scale; it has a fixed set of nodes")
+
+    def remember_plan(self, plan: ServePlan) -> None:  # noqa: B027 - optional: by default nothing is kept
+        """`plan` now serves on this cluster. A backend whose cluster can lose its head and come back by
+        itself keeps the plan, to serve it again there (cai); the default keeps nothing."""
+
+    def forget_plan(self, name: str) -> None:  # noqa: B027 - optional, as remember_plan
+        """The deployment `name` is being stopped: serve it no more, whatever happens to the cluster."""
 
 
 def connect_ray(address: str, environment: Mapping[str, str]) -> None:

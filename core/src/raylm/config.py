@@ -169,6 +169,37 @@ def load_plan_file(path: str | Path) -> ServePlan:
     )
 
 
+def plan_document(plan: ServePlan) -> dict[str, Any]:
+    """`plan` as a deployment file's content: `load_plan_file` reads it back to an equal plan.
+
+    Model paths that exist here are written absolute, so the file serves the same models from anywhere.
+    """
+    models = []
+    for model in plan.models:
+        entry: dict[str, Any] = {
+            "model": os.path.abspath(model.model) if os.path.exists(model.model) else model.model,
+            "name": model.name,
+            "engine": model.engine,
+            "engine_args": list(model.engine_args),
+            "max_ongoing_requests": model.max_ongoing_requests,
+            "max_queued_requests": model.max_queued_requests,
+        }
+        if model.autoscaling is None:
+            entry["replicas"] = model.replicas
+        else:
+            entry["autoscaling"] = dataclasses.asdict(model.autoscaling)
+        if model.python:
+            entry["python"] = model.python
+        if model.env:
+            entry["env"] = dict(model.env)
+        models.append(entry)
+    server: dict[str, Any] = {"host": plan.host, "port": plan.port, "access_log": plan.access_log}
+    if plan.api_key_file:
+        server["api_key_file"] = os.path.abspath(plan.api_key_file)
+    cluster = {**({"backend": plan.backend} if plan.backend else {}), **plan.backend_options}
+    return {"name": plan.name, "cluster": cluster, "server": server, "models": models}
+
+
 def _reject_unknown(entry: Mapping[str, Any], allowed: set[str], where: str) -> None:
     unknown = sorted(set(entry) - allowed)
     if unknown:
