@@ -178,6 +178,11 @@ def test_unknown_backend_option_in_a_deployment_file(tiny_llama, tmp_path, tmp_h
     )
 
 
+def test_worker_bounds_on_a_backend_that_cannot_add_nodes(tmp_home):
+    code, _, err, _ = run_raylm_probed("cluster", "up", "--backend", "local", "--max-workers", "2", env=tmp_home)
+    assert_one_line_error(code, err, "backend 'local' has no option 'max_workers'; its options: address, num_cpus")
+
+
 def test_a_backend_option_of_the_wrong_type(tiny_llama, tmp_path, tmp_home):
     plan = tmp_path / "deploy.yaml"
     plan.write_text(f"cluster:\n  num_cpus: many\nmodels:\n  - model: {tiny_llama}\n")

@@ -14,6 +14,7 @@ from cai_setup import API_KEY, RUNTIME, Console, session_path
 
 from raylm.engine import args_to_argv
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
+from raylm.waiting import wait_until
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
@@ -71,7 +72,70 @@ def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env
     assert cml.pod_processes() == []
 
 
-def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_llama):
+@pytest.mark.parametrize(
+    "bounds, error",
+    [
+        (["--min-workers", "3", "--max-workers", "2"], "--max-workers must be >= 1 and >= --min-workers (3), got 2"),
+        (["--min-workers", "-1", "--max-workers", "2"], "--max-workers must be >= 1 and >= --min-workers (-1), got 2"),
+        (["--min-workers", "1"], "--min-workers needs --max-workers: the most workers the cluster may grow to"),
+        (
+            ["--workers", "1", "--max-workers", "2"],
+            "give --workers for a fixed cluster, or --min-workers/--max-workers",
+        ),
+        (["--max-workers", "2", "--idle-timeout", "-5"], "--idle-timeout must be >= 0 seconds, got -5.0"),
+    ],
+)
+def test_bad_worker_bounds_fail_in_one_line_before_anything_starts(cml, session_env, console, bounds, error):
+    done = console("cluster", "up", "--backend", "cai", "--cluster", "bad", *bounds, *SIZES, env=session_env)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"raylm: error: {error}")
+    assert cml.applications() == []
+
+
+def test_an_autoscaled_cluster_grows_for_demand_and_shrinks_when_idle(cml, project, session_env, console, tiny_llama):
+    up = console(
+        "cluster", "up", "--backend", "cai", "--cluster", "elastic", "--max-workers", "2", "--idle-timeout", "20",
+        *SIZES, "--json", env=session_env,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    cluster = json.loads(up.stdout)
+    assert cluster["applications"] == {"raylm-elastic-head": "APPLICATION_RUNNING"}, "a head only, to start with"
+    assert cluster["autoscaling"] == {"min_workers": 0, "max_workers": 2}
+    fixed = console("cluster", "scale", "--backend", "cai", "--cluster", "elastic", "--workers", "1", env=session_env)
+    assert fixed.returncode == 1 and "autoscales between 0 and 2 workers" in fixed.stderr
+
+    # Two replicas of one CPU: the head (1 CPU) holds one; Ray's autoscaler creates a worker for the other,
+    # though CML answers its first two creates with 503.
+    cml.faults.fail_requests("POST", r"/applications$", 503, times=2)
+    serve = ["serve", str(tiny_llama), "--name", "tiny", "--backend", "cai", "--cluster", "elastic"]
+    served = console(*serve, "--replicas", "2", "--detach", *TINY_ARGS, env=session_env)
+    assert served.returncode == 0, served.stderr
+    assert cml_names(cml) == ["raylm-elastic-head", "raylm-elastic-worker-1"]
+    (record,) = json.loads(console("status", "tiny", "--json", env=session_env).stdout)
+    assert record["ready"] is True and record["replicas"] == {"tiny": {"running": 2}}
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served.stdout.strip().splitlines()[-1], api_key="unused", max_retries=0)
+    assert client.completions.create(model="tiny", prompt="hello", max_tokens=4).usage.completion_tokens == 4
+
+    assert console("stop", "tiny", env=session_env).returncode == 0
+    wait_until(
+        lambda: cml_names(cml) == ["raylm-elastic-head"],
+        timeout_s=240,
+        poll_s=2.0,
+        on_timeout=lambda: AssertionError(f"the idle worker was not deleted: {cml_names(cml)}"),
+    )
+    down = console("cluster", "down", "--backend", "cai", "--cluster", "elastic", env=session_env)
+    assert down.returncode == 0, down.stderr
+    assert cml.applications() == [] and cml.pod_processes() == []
+
+
+def cml_names(cml):
+    return sorted(app["name"] for app in cml.applications())
+
+
+def test_cluster_up_serve_heal_scale_down(cml, project, session_env, console, client, tiny_llama):
     # CML answers 503, then 429, to the first application create: retried, and `up` still succeeds.
     cml.faults.fail_requests("POST", r"/applications$", 503)
     cml.faults.fail_requests("POST", r"/applications$", 429)
@@ -115,15 +179,34 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
 
     # Inside the workspace at the head's IP, and at the head application's URL, through CML's ingress.
     for base_url in (url, f"{front}/v1"):
-        client = OpenAI(base_url=base_url, api_key="sk-cai-endpoint", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny"]
-        completion = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
+        openai = OpenAI(base_url=base_url, api_key="sk-cai-endpoint", max_retries=0)
+        assert [m.id for m in openai.models.list().data] == ["tiny"]
+        completion = openai.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
         assert completion.usage.completion_tokens == 8
-        stream = client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
+        stream = openai.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0, stream=True)
         assert "".join(chunk.choices[0].text for chunk in stream) == completion.choices[0].text
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=base_url, api_key="wrong", max_retries=0).models.list()
     assert httpx.get(f"{front}/").status_code == 200, "CML's polling still gets its answer"
+    kept_plan = Path(session_env["HOME"]) / ".raylm/cai/main/plans/tiny.yaml"
+    assert kept_plan.is_file() and kept_plan.stat().st_mode & 0o077 == 0
+
+    # The head application restarts (a new pod: a new IP, an empty Ray). Nobody acts: the workers join the
+    # new head and the head serves the kept plan again, at the head application's URL.
+    (head,) = [app for app in cml.applications() if app["name"] == "raylm-main-head"]
+    client.call("POST", f"projects/{project['id']}/applications/{head['id']}:restart")
+    back = wait_until(
+        lambda: answering(cml, "raylm-main-head", "sk-cai-endpoint"),
+        timeout_s=600,
+        poll_s=2.0,
+        on_timeout=lambda: AssertionError("the deployment did not answer again after the head restarted"),
+    )
+    assert back.usage.completion_tokens == 8 and back.choices[0].text == completion.choices[0].text
+    (record,) = json.loads(console("status", "tiny", "--json", env=session_env).stdout)
+    new_head_ip = record["address"].rpartition(":")[0]
+    assert new_head_ip != head_ip and record["url"] == f"http://{new_head_ip}:8000"
+    node_ips = ray_node_ips(record["address"], session_env, token_file)
+    assert len(set(node_ips)) == 3 and new_head_ip in node_ips, "both workers rejoined the new head"
 
     (engine,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ENGINE_SERVER]
     assert engine.nice() == 0, "Ray's default worker niceness (15) reached the engine on a CML node"
@@ -135,6 +218,7 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     (record,) = json.loads(status.stdout)
     assert record["ready"] is True and record["replicas"] == {"tiny": {"running": 1}}
     assert console("stop", "tiny", env=session_env).returncode == 0
+    assert not kept_plan.exists(), "a stopped deployment is not served again"
 
     scaled = console("cluster", "scale", "--backend", "cai", "--cluster", "main", "--workers", "1", env=session_env)
     assert scaled.returncode == 0, scaled.stderr
@@ -147,6 +231,18 @@ def test_cluster_up_serve_scale_down(cml, project, session_env, console, tiny_ll
     assert cml.killed_after_grace == [], "a Ray node did not stop within CML's grace time"
     assert not token_file.exists()
     assert_not_in_files(secrets, console.output, [cml.root / "logs", cml.pod_tmp_root])
+
+
+def answering(cml, head_app, api_key):
+    """A completion from the endpoint at the head application's URL, or None while it gives none."""
+    from openai import OpenAI, OpenAIError
+
+    try:
+        front = cml.application_url(head_app)
+        client = OpenAI(base_url=f"{front}/v1", api_key=api_key, max_retries=0, timeout=30)
+        return client.completions.create(model="tiny", prompt="hello", max_tokens=8, temperature=0)
+    except (OpenAIError, KeyError):  # KeyError: the head restarting has no workload yet
+        return None
 
 
 def ray_node_ips(address, session_env, token_file):

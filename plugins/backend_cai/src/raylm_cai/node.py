@@ -13,9 +13,12 @@ The applications' script (`.raylm/cai/ray_node.py` in the project, written by
   deployment served on the head, and CML marks the application running once Ray runs.
   Once started it writes its address to `head.json` in the cluster's folder of the
   project filesystem (the API gives no IP for an application).
+  It then serves again the deployments kept in the cluster's folder (`raylm_cai.plans`):
+  after a restart (a new pod, a new IP, an empty Ray) they come back by themselves.
 - worker: waits for `head.json` and for the head to answer, then
   `ray start --block --address`, and answers CML's polling on CDSW_APP_PORT once
-  its node runs.
+  its node runs. When the head is gone or a new one publishes its address, the
+  node leaves and joins the new head.
 
 Ray's token authentication is on; the token is read from the file `token` in the
 cluster's folder (`RAY_AUTH_TOKEN_PATH`), never passed on a command line.
@@ -23,6 +26,7 @@ cluster's folder (`RAY_AUTH_TOKEN_PATH`), never passed on a command line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,17 +34,29 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
+
 from raylm.net import address_answers
+from raylm.processes import end_processes
 from raylm.ray_nodes import serving_node_environment, serving_node_options
+from raylm.state import write_atomically
 from raylm.waiting import wait_until
+from raylm_cai import plans
+from raylm_cai.autoscaling import BOUNDS_VARIABLE, CONFIG_FILE, publish_ip
 from raylm_cai.front import DEFAULT_API_PORT, Front
 
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265  # Ray's own default
 HEAD_WAIT_S = 900
+HEAD_POLL_S = 2.0
+# How long a worker's Ray node may take to stop when it leaves a head that moved, and to pause before rejoining.
+RAY_STOP_GRACE_S = 20.0
+REJOIN_PAUSE_S = 2.0
 STARTED_LINE = "Ray runtime started"
 # Ray's default share of a node's memory for the object store.
 OBJECT_STORE_SHARE = 0.3
@@ -76,34 +92,90 @@ def main() -> None:
     # (it would only use up CML's grace time: the cluster ends with it); workers keep theirs, so Serve
     # can move their replicas.
     environment = {**serving_node_environment(os.environ, head=role == "head"), **ray_auth_environment(folder)}
-    if role == "head":
-        (folder / "head.json").unlink(missing_ok=True)
-        command += ["--head", f"--port={GCS_PORT}", "--include-dashboard=true"]
-        command += [f"--dashboard-host={ip}", f"--dashboard-port={DASHBOARD_PORT}"]
-        api_port = int(os.environ.get("RAYLM_CAI_API_PORT") or DEFAULT_API_PORT)
-        polling = Front(app_port, (ip, api_port), cluster)
-    else:
-        command.append(f"--address={_wait_for_head(folder)}")
-        polling = _serve_polling(app_port)
     print(f"raylm: starting the Ray {role} of cluster {cluster!r} on {ip}", flush=True)
-    ray = subprocess.Popen(
-        command,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    if role == "head":
+        sys.exit(_run_head(folder, command, environment, ip, app_port))
+    sys.exit(_run_worker(folder, command, environment, app_port))
+
+
+def _run_head(folder: Path, command: list[str], environment: dict[str, str], ip: str, app_port: int) -> int:
+    """The head's Ray node; once it runs, its address is published and the cluster's kept plans served again."""
+    (folder / "head.json").unlink(missing_ok=True)
+    command = [*command, "--head", f"--port={GCS_PORT}", "--include-dashboard=true"]
+    command += [f"--dashboard-host={ip}", f"--dashboard-port={DASHBOARD_PORT}"]
+    if os.environ.get(BOUNDS_VARIABLE):  # an autoscaled cluster: Ray's monitor runs here, over our node provider
+        command.append(f"--autoscaling-config={folder / CONFIG_FILE}")
+    api_port = int(os.environ.get("RAYLM_CAI_API_PORT") or DEFAULT_API_PORT)
+    front = Front(app_port, (ip, api_port), os.environ["RAYLM_CAI_CLUSTER"])
+    ray = _start_ray(command, environment)
+    for line in _echo(ray):
+        if STARTED_LINE in line:
+            _publish_head(folder, f"{ip}:{GCS_PORT}")
+            front.ray_running = True
+            plans.serve_again(folder, f"{ip}:{GCS_PORT}")
+    return ray.wait()
+
+
+def _run_worker(folder: Path, command: list[str], environment: dict[str, str], app_port: int) -> int:
+    """A worker's Ray node, joined to the head the cluster's folder names; when that head is gone or another
+    one publishes its address (the head application restarted in a new pod), the node rejoins the new head."""
+    polling = _serve_polling(app_port)
+    while True:
+        address = _wait_for_head(folder)
+        ray = _start_ray([*command, f"--address={address}"], environment)
+        threading.Thread(target=_leave_when_the_head_moves, args=(folder, address, ray), daemon=True).start()
+        for line in _echo(ray):
+            if STARTED_LINE in line:
+                polling.ray_running = True
+                if os.environ.get("RAYLM_CAI_NODE"):  # for the autoscaler, which matches nodes by IP
+                    publish_ip(folder, os.environ["RAYLM_CAI_NODE"], os.environ["CDSW_IP_ADDRESS"])
+        code = ray.wait()
+        polling.ray_running = False
+        if _stopping.is_set():
+            return code
+        print(f"raylm: the Ray node left the head at {address} (exit code {code}); rejoining", flush=True)
+        time.sleep(REJOIN_PAUSE_S)
+
+
+_stopping = threading.Event()
+
+
+def _start_ray(command: list[str], environment: dict[str, str]) -> subprocess.Popen:
+    ray = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
     # CML stops an application with SIGTERM: `ray start --block` then stops every Ray process it started.
+    def stop(*_: object) -> None:
+        _stopping.set()
+        if ray.poll() is None:
+            ray.send_signal(signal.SIGTERM)
+        else:
+            sys.exit(0)  # a worker between two heads: no node to stop
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: ray.send_signal(signal.SIGTERM))
+        signal.signal(sig, stop)
+    return ray
+
+
+def _echo(ray: subprocess.Popen) -> Iterator[str]:
+    """Ray's output lines, copied to the application's log as they come."""
     for line in ray.stdout:
         sys.stdout.write(line)
         sys.stdout.flush()
-        if STARTED_LINE in line:
-            if role == "head":
-                _publish_head(folder, f"{ip}:{GCS_PORT}")
-            polling.ray_running = True
-    sys.exit(ray.wait())
+        yield line
+
+
+def _leave_when_the_head_moves(folder: Path, address: str, ray: subprocess.Popen) -> None:
+    """Stop the worker's Ray node once a head at another address is published: it would wait for the old
+    head's return (Ray's GCS reconnect timeout) before giving up by itself."""
+    while ray.poll() is None:
+        published = read_head_address(folder)
+        if published not in (None, address):
+            print(f"raylm: a new Ray head runs at {published}; leaving the one at {address}", flush=True)
+            node = psutil.Process(ray.pid)
+            with contextlib.suppress(psutil.Error):
+                end_processes([node, *node.children(recursive=True)], grace_s=RAY_STOP_GRACE_S, leader=node)
+            return
+        time.sleep(HEAD_POLL_S)
 
 
 def _node_options(ip: str) -> list[str]:
@@ -131,7 +203,7 @@ def _wait_for_head(folder: Path) -> str:
     return wait_until(
         answering,
         timeout_s=HEAD_WAIT_S,
-        poll_s=2.0,
+        poll_s=HEAD_POLL_S,
         on_timeout=lambda: SystemExit(
             f"raylm: no Ray head answered within {HEAD_WAIT_S}s; is the head application running?"
         ),
@@ -139,9 +211,9 @@ def _wait_for_head(folder: Path) -> str:
 
 
 def _publish_head(folder: Path, address: str) -> None:
-    temporary = folder / "head.json.tmp"
-    temporary.write_text(json.dumps({"address": address, "engine_id": os.environ.get("CDSW_ENGINE_ID")}))
-    temporary.replace(folder / "head.json")
+    write_atomically(
+        folder / "head.json", json.dumps({"address": address, "engine_id": os.environ.get("CDSW_ENGINE_ID")})
+    )
     print(f"raylm: Ray head running at {address}", flush=True)
 
 

@@ -14,6 +14,13 @@ CLUSTER_OPTIONS = (
     BackendOption(
         "workers", "Ray worker nodes, each a CML application (default: 0, or as many as the cluster has)", type=int
     ),
+    BackendOption(
+        "min_workers", "autoscale: the fewest worker applications (default 0; needs --max-workers)", type=int
+    ),
+    BackendOption("max_workers", "autoscale: the most worker applications Ray's autoscaler may create", type=int),
+    BackendOption(
+        "idle_timeout", "autoscale: seconds a worker may idle before it is deleted (default 300)", type=float
+    ),
     BackendOption("head_cpu", "CPUs of the head application", default=2.0, type=float),
     BackendOption("head_memory", "memory of the head application, GB", default=8.0, type=float),
     BackendOption("head_gpu", "NVIDIA GPUs of the head application", default=0, type=int),
