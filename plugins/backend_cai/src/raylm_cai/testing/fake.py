@@ -143,6 +143,14 @@ class FakeCML:
             (app_id,) = [app["id"] for app in self._apps.values() if app["name"] == name]
             return f"http://127.0.0.1:{self._workloads[app_id].app_port}"
 
+    def kill_pod(self, name: str) -> None:
+        """The pod of application `name` dies at once, as when its node is lost: every process of it is
+        SIGKILLed; the application then turns APPLICATION_FAILED."""
+        with self._lock:
+            (app_id,) = [app["id"] for app in self._apps.values() if app["name"] == name]
+            workload = self._workloads[app_id]
+        pods.kill(workload.folder(self.pod_tmp_root))
+
     def pod_processes(self) -> list[int]:
         """Pids of every live process started for a workload of this fake (its "pods")."""
         return [process.pid for process in pods.members(self.pod_tmp_root)]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import subprocess
 import threading
@@ -66,6 +67,13 @@ def members(folder: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def kill(folder: Path) -> None:
+    """SIGKILL every process of the pod(s) under `folder` at once, as a lost node would end them."""
+    for process in members(folder):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 def start(workload: Workload, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
