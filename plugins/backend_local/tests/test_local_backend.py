@@ -78,6 +78,7 @@ def test_a_ray_token_left_in_home_does_not_lock_the_driver_out(raylm_home, monke
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("a-token-of-an-earlier-ray-init")
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # as a user's shell has it: unset
     head = LocalBackend({"cluster": "token-in-home", "num_cpus": 2})
     address = head.up(print).address
     try:
