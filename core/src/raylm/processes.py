@@ -62,17 +62,19 @@ def end_processes(
         with contextlib.suppress(psutil.Error):
             process.terminate()
     _, alive = psutil.wait_procs(processes, timeout=grace_s)
-    _kill(alive)
+    kill_processes(alive)
     ended = list(alive)
     while find is not None and (stragglers := [process for process in find() if process not in ended]):
-        _kill(stragglers)
+        kill_processes(stragglers)
         ended += stragglers
     return alive
 
 
-def _kill(processes: list[psutil.Process]) -> None:
+def kill_processes(processes: Iterable[psutil.Process]) -> None:
+    """SIGKILL every process at once (one already gone is fine) and wait, briefly, for them to be gone."""
     import psutil
 
+    processes = list(processes)
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.kill()

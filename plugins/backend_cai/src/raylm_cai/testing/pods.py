@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import subprocess
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import psutil
 
 from raylm.net import free_ports_in
-from raylm.processes import end_processes
+from raylm.processes import end_processes, kill_processes
 
 STOP_GRACE_S = 10.0
 # Loopback addresses handed to workloads, one per "pod", unique within this Python process.
@@ -71,9 +70,7 @@ def members(folder: Path) -> list[psutil.Process]:
 
 def kill(folder: Path) -> None:
     """SIGKILL every process of the pod(s) under `folder` at once, as a lost node would end them."""
-    for process in members(folder):
-        with contextlib.suppress(psutil.Error):
-            process.kill()
+    kill_processes(members(folder))
 
 
 def start(workload: Workload, command: list[str], cwd: Path, env: dict[str, str], log: Path) -> None:
