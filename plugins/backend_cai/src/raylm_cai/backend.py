@@ -23,6 +23,7 @@ from typing import Any
 from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.config import ServePlan
 from raylm.errors import ClusterError
+from raylm.state import write_atomically
 from raylm.waiting import StateChanges, wait_until
 from raylm_cai import plans
 from raylm_cai.applications import (
@@ -238,7 +239,7 @@ class CAIBackend(Backend):
             runtime_identifier=self.options.get("runtime_identifier"),
             bypass_authentication=bool(self.options.get("bypass_authentication")),
         )  # fmt: skip
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_atomically(path, yaml.safe_dump(config, sort_keys=False))
 
     def _wait_running(self, names: list[str], progress: Progress) -> None:
         timeout_s = self.options.get("start_timeout") or 900
