@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from raylm.errors import ConfigError
 from raylm.net import free_port
-from raylm.serving import keys, relay, routes
+from raylm.serving import answers, keys, relay, routes
 from raylm.serving.admission import Limits
 from raylm.serving.router_thread import RouterThread
 from raylm.waiting import wait_until
@@ -523,7 +523,12 @@ def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engin
     assert len(odd.headers["x-request-id"]) == 32, "an id unfit for logs is replaced"
     refused = post(router, {"model": "nope"}, headers={"x-request-id": "client-8"})
     assert refused.status_code == 404 and refused.headers["x-request-id"] == "client-8"
-    lines = [record.getMessage() for record in caplog.records if record.name == "raylm.access"]
+
+    def lines():
+        return [record.getMessage() for record in caplog.records if record.name == "raylm.access"]
+
+    soon(lambda: len(lines()) == 4, "a line per request, written within a moment")
+    lines = lines()
     assert lines[0].startswith("client-7 /v1/completions model=beta status=200 first_byte_ms=")
     assert lines[0].endswith(" replica=b1") and int(lines[0].split(" bytes=")[1].split()[0]) > len(mine.content)
     assert lines[1].startswith(f"{made} /v1/completions model=beta status=200")
@@ -587,11 +592,26 @@ def test_a_waiting_request_whose_client_hangs_up_leaves_the_queue(engines):
             assert busy.result(timeout=10).status_code == 200
 
 
+def test_what_a_stopping_router_has_answered_is_all_logged_and_counted(engines, caplog, monkeypatch):
+    monkeypatch.setattr(answers, "FLUSH_S", 60.0)  # no timed write comes before the scrape or the stop
+    caplog.set_level("INFO", logger="raylm.access")
+    with Routing(["beta"]) as router:
+        router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
+        for _ in range(3):
+            assert post(router, {"model": "beta"}).status_code == 200
+        scraped = httpx.get(f"{router.url}/metrics").text
+        counted = [line for line in scraped.splitlines() if line.startswith('raylm_requests_total{model="beta"')]
+        assert counted == ['raylm_requests_total{model="beta",route="/v1/completions",status="200"} 3.0']
+        assert post(router, {"model": "beta", "stream": True}).status_code == 200
+    assert len([record for record in caplog.records if record.name == "raylm.access"]) == 4
+
+
 def test_the_access_log_can_be_off(engines, caplog):
     caplog.set_level("INFO", logger="raylm.access")
     with Routing(["beta"], access_log=False) as router:
         router.call(router.table.register, "beta", engines["b1"].url, "b1", None)
         assert post(router, {"model": "beta"}).status_code == 200
+    # stopped: whatever the router had to write is written
     assert not [record for record in caplog.records if record.name == "raylm.access"]
 
 

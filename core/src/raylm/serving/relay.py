@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -26,9 +25,6 @@ if TYPE_CHECKING:
 MAX_HEAD_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0
 IDLE_TIMEOUT_S = 60.0
-
-# One line per model request: its id, route, model, status, time to first byte and in all, replica.
-access_log = logging.getLogger("raylm.access")
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -291,20 +287,15 @@ class ClientConnection(asyncio.Protocol):
 
     def answered(self, status: int, first_byte_at: float | None) -> None:
         """Count and log the answer to a model request (once: the request's route is forgotten)."""
-        metrics, route = self.router.metrics, self.route
+        answers, route = self.router.answers, self.route
         self.route = ""
-        if not route:
+        if not route or answers is None:
             return
-        total = time.monotonic() - self.arrived
         first_byte = None if first_byte_at is None else first_byte_at - self.arrived
-        if metrics is not None:
-            metrics.answered(self.model, route, status, first_byte, total)
-        if self.router.access_log:
-            access_log.info(
-                "%s %s model=%s status=%d first_byte_ms=%s total_ms=%.1f bytes=%d replica=%s",
-                self.request_id.decode("latin-1"), route, self.model, status,
-                "-" if first_byte is None else f"{first_byte * 1000:.1f}", total * 1000, self.sent, self.replica or "-",
-            )  # fmt: skip
+        answers.add(
+            self.request_id.decode("latin-1"), route, self.model, status, first_byte, time.monotonic() - self.arrived,
+            self.sent, self.replica,
+        )  # fmt: skip
 
     def finish(self, keep_alive: bool) -> None:
         if self.transport is None:

@@ -17,10 +17,12 @@ import json
 import logging
 import random
 import re
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Admission, Limits
+from raylm.serving.answers import Answers
 from raylm.serving.http import error_body, forwarded_request
 from raylm.serving.keys import KeyFile
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
@@ -72,8 +74,9 @@ class Router:
         self.start_replica = start_replica
         self.starting: set[str] = set()
         self.draining = False  # stopping: requests already taken finish, new ones get 503
-        self.access_log = access_log  # a line per model request in the `raylm.access` log
         self.metrics = RouterMetrics(table, self.admission) if metrics else None
+        # Metrics and a line per model request in the `raylm.access` log, recorded in batches.
+        self.answers = Answers(self.metrics, log=access_log) if metrics or access_log else None
         self.keys = keys  # with keys, every /v1 route and /metrics need one of them
         self.connections: set[ClientConnection] = set()
         self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
@@ -91,12 +94,16 @@ class Router:
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.answers is not None:
+            self.answers.loop = self.loop
         self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self.answers is not None:
+            self.answers.flush()
         self.table.close()
 
     def dispatch(self, client: ClientConnection, method: bytes, url: bytes, headers: list, body: bytes) -> None:
@@ -123,6 +130,7 @@ class Router:
             client.reply(404, error_body(404, "metrics are off", code="unknown_route"))
             return
         upstreams = [u for model in self.table.model_names() for u in self.table.replicas(model)]
+        self.answers.flush()  # every request answered before the scrape is counted in it
         client.reply_raw(200, CONTENT_TYPE, self.metrics.render(await engine_metrics(upstreams)))
 
     def ready(self, client: ClientConnection, *_) -> None:
@@ -328,7 +336,11 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     router = Router(table, metrics=not args.no_metrics, keys=keys, limits=limits, access_log=not args.no_access_log)
     await router.start(args.host, args.port)
     logger.info("routing on http://%s:%d", args.host, args.port)
-    await asyncio.Event().wait()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        router.loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await router.stop()  # what is answered is recorded before the process ends
 
 
 def main(argv: list[str] | None = None) -> None:
