@@ -524,11 +524,11 @@ def test_every_request_has_an_id_the_engine_and_the_access_log_see(router, engin
     refused = post(router, {"model": "nope"}, headers={"x-request-id": "client-8"})
     assert refused.status_code == 404 and refused.headers["x-request-id"] == "client-8"
 
-    def lines():
+    def access_lines():
         return [record.getMessage() for record in caplog.records if record.name == "raylm.access"]
 
-    soon(lambda: len(lines()) == 4, "a line per request, written within a moment")
-    lines = lines()
+    soon(lambda: len(access_lines()) == 4, "a line per request, written within a moment")
+    lines = access_lines()
     assert lines[0].startswith("client-7 /v1/completions model=beta status=200 first_byte_ms=")
     assert lines[0].endswith(" replica=b1") and int(lines[0].split(" bytes=")[1].split()[0]) > len(mine.content)
     assert lines[1].startswith(f"{made} /v1/completions model=beta status=200")

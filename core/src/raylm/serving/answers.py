@@ -1,9 +1,9 @@
 """What the router records of each answered model request: its Prometheus metrics and its access-log line.
 
 Both are written in batches, not as each answer ends. Recorded between a stream's chunks, with the
-engines taking the CPU's caches from the router, a request's metrics and log line cost ~180 us of CPU
+engines taking the CPU's caches from the router, a request's metrics and log line cost ~190 us of CPU
 (a fake engine, `--api-key-file` with and without `--no-access-log`/`--no-metrics`); recorded
-together, they cost what they cost in a warm loop (~20 us, bench/router_costs.py). So an answer is
+together, they cost what they cost in a warm loop (tens of us, bench/router_costs.py). So an answer is
 kept as a tuple and recorded at most `FLUSH_S` later, before every `/metrics` scrape, and when the
 router stops: nothing is lost, and a scrape always counts every request answered before it.
 """
