@@ -67,6 +67,8 @@ class FakeEngine:
             return JSONResponse({**error, "code": 400}, status_code=400)
         if body.get("max_tokens") == -3:
             return PlainTextResponse("Internal Server Error", status_code=500)
+        if body.get("max_tokens") == -4:  # an error body sent in chunks
+            return StreamingResponse(iter([b'{"message": "engine ', b'overloaded"}']), status_code=503)
         if not body.get("stream"):
             return JSONResponse({"served_by": self.name, "model": body["model"]})
 
@@ -164,6 +166,9 @@ def test_other_engine_error_shapes_are_put_in_openais(router):
     response = post(router, {"model": "beta", "max_tokens": -3})
     assert response.status_code == 500
     assert response.json()["error"]["message"] == "Internal Server Error"
+    response = post(router, {"model": "beta", "max_tokens": -4})
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "engine overloaded"
     assert post(router, {"model": "beta"}).status_code == 200, "the connection stays usable after an error"
 
 

@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 from http import HTTPStatus
 
+import httptools
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Headers that describe one connection, not the request; the router sets its own framing.
 HOP_BY_HOP = {
@@ -53,6 +55,23 @@ def openai_error(status: int, body: bytes) -> dict | None:
         return shaped
     text = body.decode(errors="replace").strip()
     return error_body(status, text or reason(status), code=str(status))
+
+
+class BodyReader:
+    """httptools callbacks that keep a response's body."""
+
+    def __init__(self) -> None:
+        self.body = bytearray()
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body += chunk
+
+
+def response_body(response: bytes) -> bytes:
+    """The body of a whole raw HTTP response, its transfer encoding undone."""
+    reader = BodyReader()
+    httptools.HttpResponseParser(reader).feed_data(response)
+    return bytes(reader.body)
 
 
 def http_response(

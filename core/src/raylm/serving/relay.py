@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING
 
 import httptools
 
-from raylm.serving.http import MAX_BODY_BYTES, error_body, http_response, openai_error, raw_response, with_header
+from raylm.serving.http import (
+    MAX_BODY_BYTES,
+    error_body,
+    http_response,
+    openai_error,
+    raw_response,
+    response_body,
+    with_header,
+)
 
 if TYPE_CHECKING:
     from raylm.serving.router import Request, Router
@@ -39,7 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self.piping = False  # headers seen, status < 400: bytes go straight to the client
         self.held = bytearray()  # raw bytes held until the status is known, or of a whole error response
-        self.error_body: bytearray | None = None
+        self.error = False  # the response is an error: held whole, then reshaped
         self.request: Request | None = None  # the request in flight, kept to resend it if the engine closes early
         self.reused = False  # whether the request in flight went out on a connection that had been idle
         self.idle_since = 0.0
@@ -85,17 +93,15 @@ class UpstreamConnection(asyncio.Protocol):
             self.client.send_raw(with_header(bytes(self.held), b"x-request-id", self.client.request_id))
             self.held.clear()
         else:
-            self.error_body = bytearray()
+            self.error = True
 
-    def on_body(self, body: bytes) -> None:
-        if self.error_body is not None:
-            self.error_body += body
-
+    # No `on_body`: httptools would call it with a new bytes object for every chunk streamed through.
+    # An error's body is read from the held response when it is complete.
     def on_message_complete(self) -> None:
         client, self.client = self.client, None
         status = self.parser.get_status_code()
-        if self.error_body is not None:
-            payload = openai_error(status, bytes(self.error_body))
+        if self.error:
+            payload = openai_error(status, response_body(bytes(self.held)))
             if payload is None:
                 client.send_raw(with_header(bytes(self.held), b"x-request-id", client.request_id))
             else:
@@ -106,7 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.response_started = self.piping = False
         self.held.clear()
-        self.error_body = None
+        self.error = False
         self.request = None
         self.finish_lease()
         if keep_alive:
