@@ -23,10 +23,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_shares import ms_per_request, snapshot  # noqa: E402
 from loadgen import median  # noqa: E402
 from servers import ENGINES, REPO, load, serving, warm_up  # noqa: E402
 
@@ -43,29 +42,13 @@ RAY_DEFAULTS = {
 CONFIGURATIONS = {"ray-defaults": RAY_DEFAULTS, "embedded-head": {}}
 
 
-def is_ray_process(process: psutil.Process) -> bool:
-    """Ray's daemons (GCS, raylet, dashboard, agents, log monitor) and its workers (Serve actors)."""
-    command = " ".join(process.cmdline())
-    return command.startswith("ray::") or "/site-packages/ray/" in command
-
-
 def ray_cpu_percent(seconds: float) -> float:
-    """CPU time of Ray's processes over `seconds`, in percent of one core."""
-    before = {}
-    for process in psutil.process_iter():
-        try:
-            if is_ray_process(process):
-                before[process] = sum(process.cpu_times()[:2])
-        except psutil.Error:
-            continue
+    """CPU time of Ray's and Serve's processes (the router's replica included) over `seconds`, in percent of
+    one core."""
+    before = snapshot()
     time.sleep(seconds)
-    used = 0.0
-    for process, cpu in before.items():
-        try:
-            used += sum(process.cpu_times()[:2]) - cpu
-        except psutil.Error:
-            continue
-    return 100 * used / seconds
+    used_ms = ms_per_request(before, snapshot(), requests=1)
+    return (used_ms["Ray"] + used_ms["router"]) / seconds / 10
 
 
 async def measure(label: str, command, env: dict, repeats: int, results: dict) -> None:

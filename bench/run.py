@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpu_shares import GROUPS  # noqa: E402
 from loadgen import LOAD_GENERATORS, median  # noqa: E402
 from servers import (  # noqa: E402
     ENGINES,
@@ -73,7 +74,7 @@ async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], con
         await warm_up(url, api_key)
     for repeat in range(repeats):
         for name, url, api_key in layers if repeat % 2 == 0 else reversed(layers):
-            await load(name, url, concurrencies, 1, results, scale=scale, api_key=api_key)
+            await load(name, url, concurrencies, 1, results, scale=scale, api_key=api_key, cpu_shares=True)
 
 
 async def engine_layers(engine, model, concurrencies, repeats, results, cold_starts, scale) -> None:
@@ -114,10 +115,38 @@ def report(engine: str, results: dict, cold_starts: dict, concurrencies: list[in
                     checks.append((f"{generator} c={concurrency} req/s >= 0.97x", ours >= 0.97 * own))
                 if metric == "TTFT p50 (ms)" and concurrency == 1:
                     checks.append((f"{generator} c=1 TTFT p50 <= +2 ms", ours <= own + 2))
+    for concurrency in (c for c in concurrencies if c > 1):
+        cpu_report(engine, results, concurrency)
     own, ours = cold_starts[(engine, "engine")], cold_starts[(engine, "raylm")]
     print(f"\ncold start (s): engine {cell(own)}, raylm {cell(ours)} (+{median(ours) - median(own):.1f})")
     checks.append(("cold start <= +15 s", median(ours) <= median(own) + 15))
     print(f"targets against {engine}: " + ", ".join(f"{label} {'met' if ok else 'MISSED'}" for label, ok in checks))
+
+
+def cpu_report(engine: str, results: dict, concurrency: int) -> None:
+    """Each process group's CPU per request under load (bench/cpu_shares.py), both generators' runs
+    together; the busy total of the engine alone over a layer's is the throughput ratio the layer could
+    reach if the cores were all that limited it."""
+    print(f"\n{engine}, c={concurrency}: CPU per request (ms) by process group, medians")
+    print(f"{'group':20}" + "".join(f"{layer:>16}" for layer in LAYERS))
+    busy = {}
+    for group in (*GROUPS, "idle"):
+        row = {
+            layer: median(
+                [
+                    v
+                    for g in LOAD_GENERATORS
+                    for v in results[(g, (engine, layer), concurrency, f"CPU ms/request {group}")]
+                ]
+            )
+            for layer in LAYERS
+        }
+        if group != "idle":
+            for layer in LAYERS:
+                busy[layer] = busy.get(layer, 0.0) + row[layer]
+        print(f"{group:20}" + "".join(f"{row[layer]:16.2f}" for layer in LAYERS))
+    print(f"{'busy, in all':20}" + "".join(f"{busy[layer]:16.2f}" for layer in LAYERS))
+    print(f"{'CPU-bound ceiling':20}" + "".join(f"{busy['engine'] / busy[layer]:16.2f}" for layer in LAYERS))
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cpu_shares import ms_per_request, snapshot
 from loadgen import LOAD_GENERATORS, Connection
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,12 +174,15 @@ async def load(
     generators=tuple(LOAD_GENERATORS),
     scale=1.0,
     api_key: str | None = None,
+    cpu_shares: bool = False,
 ) -> None:
     """Load `url` `repeats` times at each concurrency with each generator; results[(generator, name,
-    concurrency, metric)] collects req/s and TTFT p50/p99 (ms)."""
+    concurrency, metric)] collects req/s and TTFT p50/p99 (ms), and with `cpu_shares` each process group's
+    CPU per request (`CPU ms/request GROUP`, bench/cpu_shares.py)."""
     for _ in range(repeats):
         for generator in generators:
             for concurrency in concurrencies:
+                before = snapshot()
                 result = await LOAD_GENERATORS[generator](
                     url,
                     MODEL_NAME,
@@ -193,6 +197,9 @@ async def load(
                 results.setdefault((*key, "req/s"), []).append(result.requests_per_second)
                 results.setdefault((*key, "TTFT p50 (ms)"), []).append(result.ttft_ms(0.5))
                 results.setdefault((*key, "TTFT p99 (ms)"), []).append(result.ttft_ms(0.99))
+                if cpu_shares:
+                    for group, ms in ms_per_request(before, snapshot(), result.requests).items():
+                        results.setdefault((*key, f"CPU ms/request {group}"), []).append(ms)
 
 
 def machine() -> str:
