@@ -125,28 +125,22 @@ def report(engine: str, results: dict, cold_starts: dict, concurrencies: list[in
 
 def cpu_report(engine: str, results: dict, concurrency: int) -> None:
     """Each process group's CPU per request under load (bench/cpu_shares.py), both generators' runs
-    together; the busy total of the engine alone over a layer's is the throughput ratio the layer could
-    reach if the cores were all that limited it."""
+    together, and raylm's own share of the CPU (its router's and Ray's processes): with the cores busy,
+    as they are here, that share is taken from the engine and the load generator."""
     print(f"\n{engine}, c={concurrency}: CPU per request (ms) by process group, medians")
     print(f"{'group':20}" + "".join(f"{layer:>16}" for layer in LAYERS))
-    busy = {}
+    used = {}
     for group in (*GROUPS, "idle"):
-        row = {
-            layer: median(
-                [
-                    v
-                    for g in LOAD_GENERATORS
-                    for v in results[(g, (engine, layer), concurrency, f"CPU ms/request {group}")]
-                ]
-            )
+        metric = f"CPU ms/request {group}"
+        used[group] = {
+            layer: median([v for g in LOAD_GENERATORS for v in results[(g, (engine, layer), concurrency, metric)]])
             for layer in LAYERS
         }
-        if group != "idle":
-            for layer in LAYERS:
-                busy[layer] = busy.get(layer, 0.0) + row[layer]
-        print(f"{group:20}" + "".join(f"{row[layer]:16.2f}" for layer in LAYERS))
-    print(f"{'busy, in all':20}" + "".join(f"{busy[layer]:16.2f}" for layer in LAYERS))
-    print(f"{'CPU-bound ceiling':20}" + "".join(f"{busy['engine'] / busy[layer]:16.2f}" for layer in LAYERS))
+        print(f"{group:20}" + "".join(f"{used[group][layer]:16.2f}" for layer in LAYERS))
+    share = {
+        layer: (used["router"][layer] + used["Ray"][layer]) / sum(used[g][layer] for g in GROUPS) for layer in LAYERS
+    }
+    print(f"{'router+Ray share':20}" + "".join(f"{100 * share[layer]:15.1f}%" for layer in LAYERS))
 
 
 def main() -> None:
