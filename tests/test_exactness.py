@@ -112,6 +112,7 @@ def answer(server, kind, model, request, stream):
     return {"choices": choices, "usage": usage.model_dump() if usage else None}
 
 
+END_TOKEN = "<|im_end|>"  # SmolLM2's chat template ends a turn with it
 CASES = [("completions", name) for name in COMPLETIONS] + [("chat", name) for name in CHATS]
 ENGINE_MODELS = {"vllm": "smollm2", "sglang": "smollm2-sglang"}
 
@@ -129,10 +130,21 @@ def test_raylm_answers_exactly_what_the_engine_answers(deployment, engine, kind,
         pytest.skip(f"{engine}'s own server answers this seeded request differently each time")
     if engine == "sglang" and "logprobs" in case:
         # SGLang's logprobs differ (by more than 1e-4 at times) between two identical requests to its server
-        # (its CPU kernels are not bit-reproducible): its text and tokens must still be exact.
-        assert same_but_floats(ours, theirs, tolerance=1e-3)
+        # (its CPU kernels are not bit-reproducible): its text and tokens must still be exact. And its own
+        # server streams the logprobs of the chat's end token in some answers and not in others (4 of 15
+        # identical requests, 2026-12-04): that one entry is not compared.
+        assert same_but_floats(without_end_token(ours), without_end_token(theirs), tolerance=1e-3)
     else:
         assert ours == theirs
+
+
+def without_end_token(answer):
+    """`answer` without the logprobs entry of SmolLM2's end-of-turn token at the end of a choice's."""
+    for choice in answer["choices"].values() if isinstance(answer["choices"], dict) else answer["choices"]:
+        content = (choice.get("logprobs") or {}).get("content") or []
+        if content and content[-1]["token"] == END_TOKEN:
+            content.pop()
+    return answer
 
 
 def same_but_floats(a, b, tolerance):
