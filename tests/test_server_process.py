@@ -191,6 +191,37 @@ def test_stop_ends_a_worker_that_ignores_sigterm_after_the_grace_time():
     assert marked_processes("RAYLM_TEST_MARK", "stubborn") == []
 
 
+# A stand-in engine server that stops its worker itself on SIGTERM, after draining, as SGLang does; a worker
+# that dies before it is told to stop is a crash, which the server waits 5 s to diagnose (SGLang does too).
+ORDERLY_SERVER = """
+import http.server, signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+def stop(*_):
+    time.sleep(0.5)  # drains its requests
+    if worker.poll() is not None:
+        print("worker crashed: waiting 5 s for crash diagnostics", flush=True)
+        time.sleep(5)
+    else:
+        worker.terminate()
+        worker.wait()
+        print("stopped in order", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def test_stop_lets_the_server_stop_its_own_processes_first():
+    port = free_port("127.0.0.1")
+    server = ServerProcess("orderly", [sys.executable, "-c", ORDERLY_SERVER, str(port)], grace_s=20)
+    server.start()
+    asyncio.run(server.wait_healthy(f"http://127.0.0.1:{port}/", 30))
+    started = time.monotonic()
+    asyncio.run(server.stop())
+    assert "stopped in order" in server.last_lines()
+    assert time.monotonic() - started < 4, "no crash diagnostics, no grace time spent"
+
+
 # A stand-in replica: starts the server, then waits to be killed.
 REPLICA = """
 import sys, time

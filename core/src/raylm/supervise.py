@@ -8,8 +8,9 @@ killed) becomes the supervisor's child instead of init's. So all of them are alw
 descendants, and it ends them all:
 - when the command exits, crashes or is killed: it ends what is left, then exits with the
   command's exit code (128 + N for a signal N);
-- when it is told to stop (SIGTERM, SIGINT, SIGHUP): SIGTERM to every descendant, SIGKILL to
-  what is left after the grace time;
+- when it is told to stop (SIGTERM, SIGINT, SIGHUP): SIGTERM to the command, which stops what it
+  started itself, and SIGKILL if it still runs after the grace time; then the same to what is
+  left, with a short grace time;
 - when its parent dies, even by SIGKILL (the Ray Serve replica that started it, or the whole Ray
   node): Linux sends it SIGTERM (`PR_SET_PDEATHSIG`), which is a stop. `--parent PID` names that
   parent, so that a supervisor whose parent died before it started ends at once.
@@ -50,16 +51,20 @@ def _request_stop(signum: int, frame: object) -> None:
     raise StopRequested
 
 
-def _end_descendants(grace_s: float) -> None:
-    # Orphans of the command were re-parented to us: they are among our descendants too.
-    descendants = psutil.Process().children(recursive=True)
-    if not descendants:
+def _end(processes: list[psutil.Process], grace_s: float) -> None:
+    """SIGTERM them, SIGKILL what is left after `grace_s`; say which, for post-mortems."""
+    if not processes:
         return
-    names = _names(descendants)
-    _say(f"ending {len(descendants)} process(es): {', '.join(names.values())}")
-    killed = end_processes(descendants, grace_s)
+    names = _names(processes)
+    _say(f"ending {len(processes)} process(es): {', '.join(names.values())}")
+    killed = end_processes(processes, grace_s)
     if killed:
         _say(f"killed {', '.join(names[p.pid] for p in killed)}: still running {grace_s:g}s after SIGTERM")
+
+
+def _descendants() -> list[psutil.Process]:
+    # Orphans of the command were re-parented to us: they are among our descendants too.
+    return psutil.Process().children(recursive=True)
 
 
 def _names(processes: list[psutil.Process]) -> dict[int, str]:
@@ -94,10 +99,13 @@ def supervise(command: list[str], grace_s: float, parent: int | None) -> int:
                 break
     except StopRequested:
         _ignore_stops()  # a second stop must not cut the grace time short
-        _end_descendants(grace_s)
+        # The command alone first: an engine server stops its own processes in order. Ended together, SGLang
+        # takes its scheduler's SIGTERM for a crash and waits 5 s for crash diagnostics before it exits.
+        _end([psutil.Process(server.pid)], grace_s)
+        _end(_descendants(), LEFTOVER_GRACE_S)
         return 128 + signal.SIGTERM
     _ignore_stops()
-    _end_descendants(LEFTOVER_GRACE_S)
+    _end(_descendants(), LEFTOVER_GRACE_S)
     return code if code >= 0 else 128 - code
 
 
