@@ -39,6 +39,7 @@ def group_of(process: psutil.Process) -> str:
 class Snapshot:
     cpu_s: dict[int, tuple[str, float]]  # pid -> (group, user + system CPU seconds)
     idle_s: float  # the machine's idle time, all cores
+    stolen_s: float  # time the hypervisor gave this machine's vCPUs to others, all cores
 
 
 def snapshot() -> Snapshot:
@@ -50,14 +51,15 @@ def snapshot() -> Snapshot:
         except psutil.Error:
             continue
     times = psutil.cpu_times()
-    return Snapshot(cpu_s, times.idle + times.iowait)
+    return Snapshot(cpu_s, times.idle + times.iowait, times.steal)
 
 
 def ms_per_request(before: Snapshot, after: Snapshot, requests: int) -> dict[str, float]:
-    """Each group's CPU per request between the snapshots, and the cores' idle time per request."""
+    """Each group's CPU per request between the snapshots, and the cores' idle and stolen time per request."""
     used = dict.fromkeys(GROUPS, 0.0)
     for pid, (group, cpu) in after.cpu_s.items():
         start = before.cpu_s.get(pid)
         used[group] += cpu - (start[1] if start is not None and start[0] == group else 0.0)
     used["idle"] = after.idle_s - before.idle_s
+    used["stolen"] = after.stolen_s - before.stolen_s
     return {group: 1000 * seconds / requests for group, seconds in used.items()}

@@ -130,7 +130,7 @@ def cpu_report(engine: str, results: dict, concurrency: int) -> None:
     print(f"\n{engine}, c={concurrency}: CPU per request (ms) by process group, medians")
     print(f"{'group':20}" + "".join(f"{layer:>16}" for layer in LAYERS))
     used = {}
-    for group in (*GROUPS, "idle"):
+    for group in (*GROUPS, "idle", "stolen"):
         metric = f"CPU ms/request {group}"
         used[group] = {
             layer: median([v for g in LOAD_GENERATORS for v in results[(g, (engine, layer), concurrency, metric)]])
