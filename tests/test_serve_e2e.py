@@ -366,6 +366,9 @@ def test_a_killed_replica_takes_its_engine_and_the_engines_processes_with_it(dep
     assert "ServeReplica" in " ".join(replica.cmdline()) or "ray::" in replica.name(), replica.cmdline()
     # The engine stays in its replica's session, the scheduling group of the router and Ray's workers.
     assert os.getsid(server.pid) == os.getsid(replica.pid) == os.getsid(0)
+    # Ray's processes are batch, so their wake-ups do not preempt the engine's; the engine is not.
+    assert os.sched_getscheduler(replica.pid) == os.SCHED_BATCH
+    assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER
     family = [supervisor, server, *server.children(recursive=True)]
     replica.kill()
     wait_until(

@@ -37,6 +37,7 @@ from raylm.processes import (
     end_processes,
     prctl,
 )
+from raylm.ray_nodes import leave_batch_scheduling
 
 # What is left after the command exited on its own is ended without waiting long: it lost its parent.
 LEFTOVER_GRACE_S = 3.0
@@ -88,6 +89,7 @@ def supervise(command: list[str], grace_s: float, parent: int | None) -> int:
     if parent is not None and os.getppid() != parent:  # the parent died before that
         return 128 + signal.SIGTERM
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    leave_batch_scheduling()  # the engine is the data path; Ray's processes around it are batch (raylm.ray_nodes)
     for sig in STOP_SIGNALS:
         signal.signal(sig, _request_stop)
     try:

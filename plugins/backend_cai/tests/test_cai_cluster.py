@@ -2,6 +2,7 @@
 `raylm serve` puts a vLLM model on it, `raylm cluster down` leaves nothing. Real Ray, vLLM, HTTP, OpenAI client."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -223,6 +224,9 @@ def test_cluster_up_serve_heal_scale_down(cml, project, session_env, console, cl
 
     (engine,) = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[1:3] == ENGINE_SERVER]
     assert engine.nice() == 0, "Ray's default worker niceness (15) reached the engine on a CML node"
+    replica = engine.parent().parent()  # the engine's supervisor's parent
+    assert os.sched_getscheduler(engine.pid) == os.SCHED_OTHER, "the engine is the data path (raylm.ray_nodes)"
+    assert os.sched_getscheduler(replica.pid) == os.SCHED_BATCH, "Ray's processes on a CML node are batch"
 
     secrets = {"API key": API_KEY, "Ray token": token_file.read_text().strip()}
     assert_not_in_command_lines(secrets)

@@ -46,7 +46,8 @@ ray.init(address=sys.argv[1], log_to_driver=False)
 keys = json.loads(sys.argv[2])
 @ray.remote
 def settings():
-    return {"niceness": os.nice(0), "session": os.getsid(0), "environment": {key: os.environ.get(key) for key in keys}}
+    return {"niceness": os.nice(0), "policy": os.sched_getscheduler(0), "session": os.getsid(0),
+            "environment": {key: os.environ.get(key) for key in keys}}
 print(json.dumps(ray.get(settings.remote())))
 """
 
@@ -67,6 +68,7 @@ def test_the_embedded_head_runs_workers_with_its_settings_and_the_environment_wi
     assert driver.returncode == 0, driver.stderr
     seen = json.loads(driver.stdout.strip().splitlines()[-1])
     assert seen["niceness"] == 0, "Ray's default worker niceness (15) starves the engines"
+    assert seen["policy"] == os.SCHED_BATCH, "Ray's wake-ups must not preempt the engines (raylm.ray_nodes)"
     assert seen["environment"] == {**HEAD_SETTINGS, "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.3"}
     # The engines' busy loops yield the CPU only within their session's scheduling group (autogroup).
     assert seen["session"] == os.getsid(0), "Ray's workers must stay in the session that started the head"

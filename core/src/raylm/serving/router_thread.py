@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from raylm.ray_nodes import leave_batch_scheduling
 from raylm.serving.router import Router, run
 from raylm.serving.routes import RouteTable
 
@@ -29,6 +30,7 @@ class RouterThread:
         failure: list[OSError] = []
 
         async def main() -> None:
+            leave_batch_scheduling()  # the data path; the rest of a Ray node is batch (raylm.ray_nodes)
             self.loop = asyncio.get_running_loop()
             self.stopping = asyncio.Event()
             try:

@@ -43,7 +43,7 @@ import psutil
 
 from raylm.net import address_answers
 from raylm.processes import end_processes
-from raylm.ray_nodes import serving_node_environment, serving_node_options
+from raylm.ray_nodes import ray_start_command, serving_node_environment
 from raylm.state import write_atomically
 from raylm.waiting import wait_until
 from raylm_cai import plans
@@ -87,7 +87,7 @@ def main() -> None:
     folder = cluster_folder(cluster)
     if not (folder / "token").is_file():
         sys.exit(f"raylm: no Ray token at {folder / 'token'}; start the cluster with `raylm cluster up --backend cai`")
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *_node_options(ip)]
+    command = [*ray_start_command(), "--block", *_node_options(ip)]
     # raylm's serving settings for Ray nodes (raylm.ray_nodes). A head stops without Ray's node drain
     # (it would only use up CML's grace time: the cluster ends with it); workers keep theirs, so Serve
     # can move their replicas.
@@ -189,7 +189,6 @@ def _node_options(ip: str) -> list[str]:
         f"--object-store-memory={int(memory * OBJECT_STORE_SHARE)}",
         # Short and private to the pod: Unix socket paths must stay under 108 bytes.
         f"--temp-dir={Path(tempfile.gettempdir()) / 'raylm-ray'}",
-        *serving_node_options(),
     ]
 
 

@@ -6,7 +6,6 @@ import functools
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from raylm.backend import Backend, ClusterStatus, Progress
 from raylm.errors import ClusterError
 from raylm.net import address_answers, free_ports_in
 from raylm.processes import end_processes, marked_processes
-from raylm.ray_nodes import serving_node_environment, serving_node_options
+from raylm.ray_nodes import ray_start_command, serving_node_environment
 from raylm.state import Records, raylm_home
 from raylm.waiting import wait_until
 
@@ -75,10 +74,7 @@ class LocalBackend(Backend):
         log_path = raylm_home() / "logs" / f"ray-{self.cluster_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable,
-            "-m",
-            "ray.scripts.scripts",
-            "start",
+            *ray_start_command(),
             "--head",
             "--block",
             "--node-ip-address",
@@ -90,7 +86,6 @@ class LocalBackend(Backend):
             str(temp_dir),
             "--include-dashboard",
             "false",
-            *serving_node_options(),
             # Fixed default ports would collide with any other Ray on this machine.
             f"--dashboard-port={dashboard_port}",
             f"--ray-client-server-port={client_server_port}",
@@ -206,6 +201,8 @@ def _is_our_ray_head(pid: int) -> bool:
 
     try:
         process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "ray.scripts.scripts" in process.cmdline()
+        # raylm.ray_nodes runs Ray's CLI; heads started by raylm before it ran ray.scripts.scripts directly
+        started_by = {"raylm.ray_nodes", "ray.scripts.scripts"} & set(process.cmdline())
+        return process.status() != psutil.STATUS_ZOMBIE and bool(started_by)
     except psutil.NoSuchProcess:
         return False
