@@ -54,8 +54,10 @@ GCS_PORT = 6379
 DASHBOARD_PORT = 8265  # Ray's own default
 HEAD_WAIT_S = 900
 HEAD_POLL_S = 2.0
-# How long a worker's Ray node may take to stop when it leaves a head that moved, and to pause before rejoining.
-RAY_STOP_GRACE_S = 20.0
+# A stopping pod's processes are killed after a grace time (Kubernetes' default is 30 s, FakeCML's 10 s).
+# A Ray node stops within NODE_STOP_S, a worker's drain (Serve moving its replicas away) included.
+NODE_STOP_S = 8.0
+WORKER_DRAIN_S = 5.0
 REJOIN_PAUSE_S = 2.0
 STARTED_LINE = "Ray runtime started"
 # Ray's default share of a node's memory for the object store.
@@ -90,8 +92,9 @@ def main() -> None:
     command = [*ray_start_command(), "--block", *_node_options(ip)]
     # raylm's serving settings for Ray nodes (raylm.ray_nodes). A head stops without Ray's node drain
     # (it would only use up CML's grace time: the cluster ends with it); workers keep theirs, so Serve
-    # can move their replicas.
-    environment = {**serving_node_environment(os.environ, head=role == "head"), **ray_auth_environment(folder)}
+    # can move their replicas, for WORKER_DRAIN_S of the node's NODE_STOP_S.
+    drain = {} if role == "head" else {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{WORKER_DRAIN_S:g}"}
+    environment = {**drain, **serving_node_environment(os.environ, head=role == "head"), **ray_auth_environment(folder)}
     print(f"raylm: starting the Ray {role} of cluster {cluster!r} on {ip}", flush=True)
     if role == "head":
         sys.exit(_run_head(folder, command, environment, ip, app_port))
@@ -143,11 +146,14 @@ _stopping = threading.Event()
 def _start_ray(command: list[str], environment: dict[str, str]) -> subprocess.Popen:
     ray = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # CML stops an application with SIGTERM: `ray start --block` then stops every Ray process it started.
+    # CML stops an application with SIGTERM. The node stops in a thread of its own while its output is still
+    # echoed; the interpreter waits for that thread before it exits.
     def stop(*_: object) -> None:
+        if _stopping.is_set():
+            return
         _stopping.set()
         if ray.poll() is None:
-            ray.send_signal(signal.SIGTERM)
+            threading.Thread(target=_stop_node, args=(ray,)).start()
         else:
             sys.exit(0)  # a worker between two heads: no node to stop
 
@@ -171,11 +177,19 @@ def _leave_when_the_head_moves(folder: Path, address: str, ray: subprocess.Popen
         published = read_head_address(folder)
         if published not in (None, address):
             print(f"raylm: a new Ray head runs at {published}; leaving the one at {address}", flush=True)
-            node = psutil.Process(ray.pid)
-            with contextlib.suppress(psutil.Error):
-                end_processes([node, *node.children(recursive=True)], grace_s=RAY_STOP_GRACE_S, leader=node)
+            _stop_node(ray)
             return
         time.sleep(HEAD_POLL_S)
+
+
+def _stop_node(ray: subprocess.Popen) -> None:
+    """SIGTERM to `ray start --block`, which drains a worker and stops Ray's processes one by one, and SIGKILL to
+    what is left of the node after NODE_STOP_S. Ray's own stop has no bound: it gives each of its daemons a
+    second, and the dashboard's module processes, orphaned when the dashboard ends, take seconds more to go
+    on a busy node."""
+    with contextlib.suppress(psutil.Error):  # the node is gone already
+        node = psutil.Process(ray.pid)
+        end_processes([node, *node.children(recursive=True)], grace_s=NODE_STOP_S, leader=node)
 
 
 def _node_options(ip: str) -> list[str]:
