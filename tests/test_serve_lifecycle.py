@@ -4,6 +4,7 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,11 +29,11 @@ TINY_ARGV = args_to_argv(TINY_LLAMA_VLLM_ARGS)
 class Foreground:
     """`raylm serve` in the foreground, as in a terminal; its output lines are read as they come."""
 
-    def __init__(self, *args, home: Path):
+    def __init__(self, *args, home: Path, raylm: tuple[str, ...] = (RAYLM,)):
         self.lines: queue.Queue[str] = queue.Queue()
         env = {**os.environ, "RAYLM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
         self.process = subprocess.Popen(
-            [RAYLM, "serve", *args],
+            [*raylm, "serve", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -72,6 +73,35 @@ def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_llama):
 
     assert serving.ctrl_c() == 0
     assert leftovers(ray_temp_dir(tmp_path, "fg-tiny"), "fg-tiny", "fg-tiny") == []
+    assert_port_free(port)
+
+
+# raylm, with a Ctrl-C at the instant the deployment is ready: after it says so, before it waits for Ctrl-C.
+CTRL_C_WHEN_READY = """
+import os, signal, sys
+import raylm.cli
+
+say = raylm.cli.echo_progress
+
+def echo_progress(message):
+    say(message)
+    if message.startswith("serving "):
+        os.kill(os.getpid(), signal.SIGINT)
+
+raylm.cli.echo_progress = echo_progress
+raylm.cli.main(sys.argv[1:])
+"""
+
+
+def test_ctrl_c_the_instant_it_is_ready_stops_everything(tmp_path, tiny_llama):
+    port = free_port()
+    raylm_interrupted = (sys.executable, "-c", CTRL_C_WHEN_READY)
+    serving = Foreground(
+        str(tiny_llama), "--name", "fg-ready", "--port", str(port), *TINY_ARGV, home=tmp_path, raylm=raylm_interrupted
+    )
+    assert serving.process.wait(timeout=600) in (0, 130)
+    assert not (tmp_path / "deployments" / "fg-ready.json").exists(), "raylm still lists the deployment"
+    assert leftovers(ray_temp_dir(tmp_path, "fg-ready"), "fg-ready", "fg-ready") == []
     assert_port_free(port)
 
 

@@ -146,13 +146,13 @@ def serve(
             running.wait_running(labels, progress, ready_timeout_s)
         finally:
             running.close()
+        backend.remember_plan(dataclasses.replace(plan, backend=backend_name))
+        progress(f"serving {', '.join(record.models)} at {url}/v1")
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         progress("interrupted; stopping what was started" if interrupted else "start failed; cleaning up")
         stop(plan.name, progress=progress, registry=registry, apps=apps, drain_timeout_s=0)  # nothing served yet
         raise
-    backend.remember_plan(dataclasses.replace(plan, backend=backend_name))
-    progress(f"serving {', '.join(record.models)} at {url}/v1")
     return Deployment(name=plan.name, url=url, models=record.models)
 
 

@@ -148,7 +148,7 @@ def serve_command(
     Options raylm does not know are the engine's own and pass through unchanged,
     e.g. `raylm serve ./tiny --max-model-len 512 --dtype float32`.
     """
-    from raylm.api import serve
+    from raylm.api import serve, stop
     from raylm.config import ServePlan, default_model_name, load_plan_file
     from raylm.deployments import DEPLOYMENTS
     from raylm.engine import ModelDeployment
@@ -200,18 +200,22 @@ def serve_command(
             access_log=not no_access_log,
         )
     _interrupt_on_stop_signals()
-    running = serve(plan, progress=echo_progress, registry=registry, replace=replace)
-    click.echo(f"{running.url}/v1")
-    if detach:
-        echo_progress(f"detached; `raylm status {running.name}` shows it, `raylm stop {running.name}` stops it")
-        return
-    echo_progress("press Ctrl-C to stop")
+    before = DEPLOYMENTS.load(plan.name)  # a deployment of that name that is not this one's (serve refuses it)
     try:
+        running = serve(plan, progress=echo_progress, registry=registry, replace=replace)
+        click.echo(f"{running.url}/v1")
+        if detach:
+            echo_progress(f"detached; `raylm status {running.name}` shows it, `raylm stop {running.name}` stops it")
+            return
+        echo_progress("press Ctrl-C to stop")
         while DEPLOYMENTS.load(running.name) is not None:
             time.sleep(1.0)
     except KeyboardInterrupt:
+        # Also between `serve` being done and the wait above: what this command started stops in any case.
+        if DEPLOYMENTS.load(plan.name) in (None, before):  # `serve` undid its start itself, or started nothing
+            raise
         echo_progress("stopping")
-        running.stop(progress=echo_progress)
+        stop(plan.name, progress=echo_progress)
     else:
         echo_progress(f"{running.name} was stopped from elsewhere")
 
