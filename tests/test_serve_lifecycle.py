@@ -76,16 +76,16 @@ def test_ctrl_c_while_serving_stops_everything(tmp_path, tiny_llama):
     assert_port_free(port)
 
 
-# raylm, with a Ctrl-C at the instant the deployment is ready: after it says so, before it waits for Ctrl-C.
-CTRL_C_WHEN_READY = """
+# raylm, with a Ctrl-C at the instant it shows the progress message that starts with argv[1].
+CTRL_C_AT_MESSAGE = """
 import os, signal, sys
 import raylm.cli
 
-say = raylm.cli.echo_progress
+say, moment = raylm.cli.echo_progress, sys.argv.pop(1)
 
 def echo_progress(message):
     say(message)
-    if message.startswith("serving "):
+    if message.startswith(moment):
         os.kill(os.getpid(), signal.SIGINT)
 
 raylm.cli.echo_progress = echo_progress
@@ -93,13 +93,20 @@ raylm.cli.main(sys.argv[1:])
 """
 
 
-def test_ctrl_c_the_instant_it_is_ready_stops_everything(tmp_path, tiny_llama):
+@pytest.mark.parametrize(
+    ("moment", "exit_code"),
+    [
+        ("serving ", 130),  # `serve` says it is ready: it undoes its own start, as for any interrupted start
+        ("press Ctrl-C to stop", 0),  # `serve` has returned, the command has not begun to wait: it stops it
+    ],
+)
+def test_ctrl_c_the_instant_it_is_ready_stops_everything(tmp_path, tiny_llama, moment, exit_code):
     port = free_port()
-    raylm_interrupted = (sys.executable, "-c", CTRL_C_WHEN_READY)
+    raylm_interrupted = (sys.executable, "-c", CTRL_C_AT_MESSAGE, moment)
     serving = Foreground(
         str(tiny_llama), "--name", "fg-ready", "--port", str(port), *TINY_ARGV, home=tmp_path, raylm=raylm_interrupted
     )
-    assert serving.process.wait(timeout=600) in (0, 130)
+    assert serving.process.wait(timeout=600) == exit_code
     assert not (tmp_path / "deployments" / "fg-ready.json").exists(), "raylm still lists the deployment"
     assert leftovers(ray_temp_dir(tmp_path, "fg-ready"), "fg-ready", "fg-ready") == []
     assert_port_free(port)
