@@ -106,7 +106,7 @@ def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_ze
     assert replicas_registered(endpoint, "idle") == 0 and idle_engines() == []
     client = openai.OpenAI(base_url=f"{endpoint}/v1", api_key="unused", max_retries=0, timeout=300)
     started = time.monotonic()
-    answer = client.completions.create(model="idle", prompt="Hello", max_tokens=8)
+    answer = client.completions.create(model="idle", prompt="Hello", max_tokens=8, temperature=0)
     print(f"scaled to zero: first answer after {time.monotonic() - started:.1f}s")
     assert answer.choices[0].text and answer.usage.completion_tokens == 8
     assert replicas_registered(endpoint, "idle") == 1

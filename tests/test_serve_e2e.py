@@ -133,7 +133,7 @@ def test_streamed_completion_delivers_every_chunk_and_done(deployment, client):
         "POST",
         f"{deployment['url']}/v1/completions",
         timeout=60,
-        json={"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 5, "stream": True},
+        json={"model": "tiny-e2e", "prompt": "Hi", "max_tokens": 5, "temperature": 0, "stream": True},
         headers=deployment["headers"],
     ) as response:
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
