@@ -108,7 +108,7 @@ def test_ctrl_c_the_instant_it_is_ready_stops_everything(tmp_path, tiny_llama, m
         str(tiny_llama), "--name", "fg-ready", "--port", str(port), *TINY_ARGV, home=tmp_path, raylm=raylm_interrupted
     )
     assert serving.process.wait(timeout=600) == exit_code
-    assert not (tmp_path / "deployments" / "fg-ready.json").exists(), "raylm still lists the deployment"
+    assert run_cli("status", env={**os.environ, "RAYLM_HOME": str(tmp_path)}).stdout.strip() == "no deployments running"
     assert leftovers(ray_temp_dir(tmp_path, "fg-ready"), "fg-ready", "fg-ready") == []
     assert_port_free(port)
 
