@@ -16,6 +16,7 @@ from cai_setup import API_KEY, RUNTIME, Console, session_path
 from raylm.engine import args_to_argv
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.waiting import wait_until
+from raylm_cai.applications import delete_application
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
@@ -28,6 +29,28 @@ pytestmark = pytest.mark.engine
 @pytest.fixture
 def console():
     return Console()
+
+
+@pytest.fixture(autouse=True)
+def an_empty_workspace_after(cml, project, client):
+    """A test that fails midway leaves its applications running; they are deleted (their processes with
+    them) so that the next test starts on an empty workspace: FakeCML's pods share this machine's ports."""
+    yield
+    for app in cml.applications():
+        delete_application(client, project["id"], app)
+    wait_until(
+        lambda: not cml.pod_processes(),
+        timeout_s=60,
+        poll_s=0.5,
+        on_timeout=lambda: AssertionError(f"processes of deleted applications still run: {cml.pod_processes()}"),
+    )
+
+
+def autoscaler_log(cml) -> str:
+    """The end of the newest Ray autoscaler log of FakeCML's pods (Ray's monitor on an autoscaled head), for a
+    failure's message: what the autoscaler saw and decided."""
+    logs = sorted(cml.pod_tmp_root.glob("*/raylm-ray/session_*/logs/monitor.log"), key=lambda log: log.stat().st_mtime)
+    return logs[-1].read_text(errors="replace")[-4000:] if logs else "(no autoscaler log)"
 
 
 def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, console):
@@ -130,7 +153,12 @@ def test_an_autoscaled_cluster_grows_for_demand_and_shrinks_when_idle(cml, proje
         (model,) = httpx.get(f"{client.base_url}models", timeout=10).json()["data"]
         return workers not in ([], [lost]) and model["replicas"] == 2  # replicas the router sends requests to
 
-    wait_until(replaced, timeout_s=600, poll_s=2.0, on_timeout=lambda: AssertionError("the lost worker stayed lost"))
+    wait_until(
+        replaced,
+        timeout_s=600,
+        poll_s=2.0,
+        on_timeout=lambda: AssertionError(f"the lost worker stayed lost\n{autoscaler_log(cml)}"),
+    )
     assert cml_names(cml) == ["raylm-elastic-head", "raylm-elastic-worker-1"]
     completion = client.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
     assert completion.usage.completion_tokens == 4
@@ -140,7 +168,7 @@ def test_an_autoscaled_cluster_grows_for_demand_and_shrinks_when_idle(cml, proje
         lambda: cml_names(cml) == ["raylm-elastic-head"],
         timeout_s=240,
         poll_s=2.0,
-        on_timeout=lambda: AssertionError(f"the idle worker was not deleted: {cml_names(cml)}"),
+        on_timeout=lambda: AssertionError(f"the idle worker was not deleted: {cml_names(cml)}\n{autoscaler_log(cml)}"),
     )
     down = console("cluster", "down", "--backend", "cai", "--cluster", "elastic", env=session_env)
     assert down.returncode == 0, down.stderr
