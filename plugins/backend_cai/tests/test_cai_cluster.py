@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from cai_setup import API_KEY, RUNTIME, Console, session_path
+from cai_setup import API_KEY, RUNTIME, Console, delete_what_is_left, session_path
 
 from raylm.engine import args_to_argv
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.waiting import wait_until
-from raylm_cai.applications import delete_application
+from raylm_cai.node import cluster_folder, ray_auth_environment
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]
 SIZES += ["--runtime-identifier", RUNTIME]
@@ -33,17 +33,8 @@ def console():
 
 @pytest.fixture(autouse=True)
 def an_empty_workspace_after(cml, project, client):
-    """A test that fails midway leaves its applications running; they are deleted (their processes with
-    them) so that the next test starts on an empty workspace: FakeCML's pods share this machine's ports."""
     yield
-    for app in cml.applications():
-        delete_application(client, project["id"], app)
-    wait_until(
-        lambda: not cml.pod_processes(),
-        timeout_s=60,
-        poll_s=0.5,
-        on_timeout=lambda: AssertionError(f"processes of deleted applications still run: {cml.pod_processes()}"),
-    )
+    delete_what_is_left(cml, client, project["id"])
 
 
 def autoscaler_log(cml) -> str:
@@ -51,6 +42,28 @@ def autoscaler_log(cml) -> str:
     failure's message: what the autoscaler saw and decided."""
     logs = sorted(cml.pod_tmp_root.glob("*/raylm-ray/session_*/logs/monitor.log"), key=lambda log: log.stat().st_mtime)
     return logs[-1].read_text(errors="replace")[-4000:] if logs else "(no autoscaler log)"
+
+
+# Ray's GCS on what keeps each node busy: the autoscaler deletes a worker only once Ray reports it idle.
+NODE_ACTIVITY = """
+import sys
+from ray._raylet import GcsClient
+from ray.autoscaler.v2.sdk import get_cluster_resource_state
+from ray.core.generated.autoscaler_pb2 import NodeStatus
+for node in get_cluster_resource_state(GcsClient(address=sys.argv[1])).node_states:
+    status = NodeStatus.Name(node.status)
+    print(node.node_ip_address, status, f"idle {node.idle_duration_ms} ms", list(node.node_activity))
+"""
+
+
+def node_activity(session_env, cluster: str, address: str) -> str:
+    """Each Ray node of the cluster: its status, idle time and what Ray says keeps it busy, for a failure's
+    message."""
+    env = {**session_env, **ray_auth_environment(cluster_folder(cluster, Path(session_env["HOME"])))}
+    done = subprocess.run(
+        [sys.executable, "-c", NODE_ACTIVITY, address], env=env, capture_output=True, text=True, timeout=60
+    )
+    return done.stdout + done.stderr[-2000:]
 
 
 def test_a_bad_key_fails_fast_in_one_line_and_creates_nothing(cml, session_env, console):
@@ -168,7 +181,10 @@ def test_an_autoscaled_cluster_grows_for_demand_and_shrinks_when_idle(cml, proje
         lambda: cml_names(cml) == ["raylm-elastic-head"],
         timeout_s=240,
         poll_s=2.0,
-        on_timeout=lambda: AssertionError(f"the idle worker was not deleted: {cml_names(cml)}\n{autoscaler_log(cml)}"),
+        on_timeout=lambda: AssertionError(
+            f"the idle worker was not deleted: {cml_names(cml)}\n{autoscaler_log(cml)}\n"
+            + node_activity(session_env, "elastic", cluster["address"])
+        ),
     )
     down = console("cluster", "down", "--backend", "cai", "--cluster", "elastic", env=session_env)
     assert down.returncode == 0, down.stderr

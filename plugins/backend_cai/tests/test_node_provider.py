@@ -4,7 +4,7 @@ pods; no Ray): what it creates, how it tags and matches nodes, what it deletes."
 from pathlib import Path
 
 import pytest
-from cai_setup import API_KEY, RUNTIME
+from cai_setup import API_KEY, RUNTIME, delete_what_is_left
 from ray.autoscaler.tags import (
     NODE_KIND_HEAD,
     NODE_KIND_WORKER,
@@ -42,9 +42,7 @@ def provider_project(cml, monkeypatch):
     script.parent.mkdir(parents=True)
     script.write_text(POLLING_ONLY)
     yield project
-    client = CMLClient(cml.url, API_KEY)
-    for app in client.applications(project["id"], "raylm-"):
-        client.call("DELETE", f"projects/{project['id']}/applications/{app['id']}")
+    delete_what_is_left(cml, CMLClient(cml.url, API_KEY), project["id"])
 
 
 def names(provider, node_ids):
