@@ -1,7 +1,7 @@
 """raylm against each engine's own server, layer by layer, side by side in one run.
 
     .venv/bin/python bench/run.py [--engines vllm,sglang] [--rounds 3] [--repeats 2] [--concurrency 1,16,64]
-                                  [--model tiny-llama|smollm2-135m-instruct] [--scale 1.0]
+                                  [--model tiny-llama|smollm2-135m-instruct] [--scale 1.0] [--engine-cpus 0]
 
 Layers:
 - `engine`: the engine's own OpenAI server, started as a user starts it from a shell;
@@ -16,7 +16,9 @@ turn, who goes first alternating. Every layer is loaded by two load generators, 
 32 tokens at each concurrency (`--scale` shrinks the requests per load run, for a slower model).
 The tables give medians with [min-max] over every load run, the ratio raylm/engine, and the
 targets: raylm >= 0.97x req/s at c=16 and c=64 and c=1 TTFT p50 within +2 ms, for both load
-generators; cold start within +15 s.
+generators; cold start within +15 s. With `--engine-cpus`, every layer's engine runs on those CPUs and
+the router, Ray and the load generator on the others (bench/split_cores.py), as on a node whose
+engine works on a GPU: what raylm costs then is the hop, not its CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -46,6 +49,7 @@ from servers import (  # noqa: E402
     serving,
     warm_up,
 )
+from split_cores import engine_cpus_option, split_cores, unpin_self  # noqa: E402
 
 from raylm.testing.models import build_smollm2, build_tiny_llama  # noqa: E402
 from raylm.testing.processes import engine_behind  # noqa: E402
@@ -66,34 +70,57 @@ def router_in_front(engine_url: str, port: int) -> list[str]:
     ]
 
 
-async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], concurrencies, repeats, results, scale):
+@dataclass
+class Run:
+    """What one run measures, and what it has collected so far."""
+
+    model: Path
+    concurrencies: list[int]
+    repeats: int
+    scale: float
+    engine_cpus: set[int] | None  # the engine's own CPUs (bench/split_cores.py), or None: every process floats
+    home: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="raylm-bench-"))
+    results: dict = field(default_factory=dict)
+    cold_starts: dict = field(default_factory=dict)
+
+
+async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], run: Run) -> None:
     """Load two layers (name, URL, API key) of one server in turn, swapping who goes first each time: an
     engine's own speed drifts over its life, and measuring one layer after the other would put that
     drift between them."""
-    for _, url, api_key in layers:
-        await warm_up(url, api_key)
-    for repeat in range(repeats):
-        for name, url, api_key in layers if repeat % 2 == 0 else reversed(layers):
-            await load(name, url, concurrencies, 1, results, scale=scale, api_key=api_key, cpu_shares=True)
+    if run.engine_cpus:
+        split_cores(run.engine_cpus)
+    try:
+        for _, url, api_key in layers:
+            await warm_up(url, api_key)
+        for repeat in range(run.repeats):
+            for name, url, api_key in layers if repeat % 2 == 0 else reversed(layers):
+                await load(
+                    name, url, run.concurrencies, 1, run.results, scale=run.scale, api_key=api_key, cpu_shares=True
+                )
+    finally:
+        if run.engine_cpus:
+            unpin_self()
 
 
-async def engine_layers(engine, model, concurrencies, repeats, results, cold_starts, scale) -> None:
+async def engine_layers(engine: str, run: Run) -> None:
     setup = ENGINES[engine]
-    async with serving(engine, partial(setup.own_server, model), setup.env, signal.SIGTERM) as (url, cold_start):
-        cold_starts.setdefault((engine, "engine"), []).append(cold_start)
+    command = partial(setup.own_server, run.model)
+    async with serving(engine, command, setup.env, signal.SIGTERM) as (url, cold_start):
+        run.cold_starts.setdefault((engine, "engine"), []).append(cold_start)
         async with serving("router", partial(router_in_front, url), {}, signal.SIGTERM) as (router_url, _):
             layers = [((engine, "engine"), url, None), ((engine, "router+engine"), router_url, None)]
-            await alternately(layers, concurrencies, repeats, results, scale)
+            await alternately(layers, run)
 
 
-async def raylm_layers(engine, model, concurrencies, repeats, results, cold_starts, home, scale) -> None:
+async def raylm_layers(engine: str, run: Run) -> None:
     setup = ENGINES[engine]
-    command = partial(setup.through_raylm, engine, model)
-    async with serving(f"raylm+{engine}", command, {"RAYLM_HOME": home}, signal.SIGINT) as (url, cold_start):
-        cold_starts.setdefault((engine, "raylm"), []).append(cold_start)
+    command = partial(setup.through_raylm, engine, run.model)
+    async with serving(f"raylm+{engine}", command, {"RAYLM_HOME": run.home}, signal.SIGINT) as (url, cold_start):
+        run.cold_starts.setdefault((engine, "raylm"), []).append(cold_start)
         # the engine a replica started takes only requests with the replica's key, as the router sends them
         layers = [((engine, "engine-in-ray"), *engine_behind(MODEL_NAME)), ((engine, "raylm"), url, None)]
-        await alternately(layers, concurrencies, repeats, results, scale)
+        await alternately(layers, run)
 
 
 def cell(values: list[float]) -> str:
@@ -151,38 +178,38 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--model", default="tiny-llama", choices=sorted(MODELS), help="the model served")
     parser.add_argument("--scale", type=float, default=1.0, help="requests per load run, as a share of the default")
+    parser.add_argument(
+        "--engine-cpus",
+        type=engine_cpus_option,
+        help="comma-separated CPUs for the engine's processes alone, the router, Ray and the load generator on the "
+        "others (bench/split_cores.py); default: every process on every CPU",
+    )
     parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     if "sglang" in engines and not SGLANG_PYTHON.exists():
         sys.exit("no SGLang environment: run scripts/sglang-env, or pass --engines vllm")
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
     os.environ["HF_HUB_OFFLINE"] = "1"
     model = MODELS[args.model](REPO / ".cache" / "models" / args.model)
-    home = tempfile.mkdtemp(prefix="raylm-bench-")
-    results: dict = {}
-    cold_starts: dict = {}
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    run = Run(model, concurrencies, args.repeats, args.scale, args.engine_cpus)
     for round_index in range(args.rounds):
         print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
         for engine in engines:
-            groups = [
-                partial(engine_layers, engine, model, concurrencies, args.repeats, results, cold_starts, args.scale),
-                partial(
-                    raylm_layers, engine, model, concurrencies, args.repeats, results, cold_starts, home, args.scale
-                ),
-            ]
+            groups = [partial(engine_layers, engine, run), partial(raylm_layers, engine, run)]
             # Alternate who goes first: the first server of a round starts with colder caches.
             for group in groups if round_index % 2 == 0 else reversed(groups):
                 asyncio.run(group())
     print(f"\nmachine: {machine()}")
+    cores = f"; the engine on CPUs {sorted(args.engine_cpus)}, the rest on the others" if args.engine_cpus else ""
     print(
         f"model: {args.model}, streaming completions of {MAX_TOKENS} tokens; {args.rounds} rounds x {args.repeats} "
-        f"load runs per layer, generator and concurrency, layers alternated; medians [min-max]"
+        f"load runs per layer, generator and concurrency, layers alternated; medians [min-max]{cores}"
     )
     for engine in engines:
-        report(engine, results, cold_starts, concurrencies)
+        report(engine, run.results, run.cold_starts, concurrencies)
     if args.json:
-        flat = {" ".join(map(str, key)): values for key, values in {**results, **cold_starts}.items()}
+        flat = {" ".join(map(str, key)): values for key, values in {**run.results, **run.cold_starts}.items()}
         args.json.write_text(json.dumps(flat, indent=2))
 
 
