@@ -49,7 +49,7 @@ from servers import (  # noqa: E402
     serving,
     warm_up,
 )
-from split_cores import engine_cpus_option, split_cores, unpin_self  # noqa: E402
+from split_cores import cores_split, engine_cpus_option  # noqa: E402
 
 from raylm.testing.models import build_smollm2, build_tiny_llama  # noqa: E402
 from raylm.testing.processes import engine_behind  # noqa: E402
@@ -88,9 +88,7 @@ async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], run
     """Load two layers (name, URL, API key) of one server in turn, swapping who goes first each time: an
     engine's own speed drifts over its life, and measuring one layer after the other would put that
     drift between them."""
-    if run.engine_cpus:
-        split_cores(run.engine_cpus)
-    try:
+    with cores_split(run.engine_cpus):
         for _, url, api_key in layers:
             await warm_up(url, api_key)
         for repeat in range(run.repeats):
@@ -98,9 +96,6 @@ async def alternately(layers: list[tuple[tuple[str, str], str, str | None]], run
                 await load(
                     name, url, run.concurrencies, 1, run.results, scale=run.scale, api_key=api_key, cpu_shares=True
                 )
-    finally:
-        if run.engine_cpus:
-            unpin_self()
 
 
 async def engine_layers(engine: str, run: Run) -> None:

@@ -10,10 +10,14 @@ way for both layers of a comparison, what is left between them is the hop itself
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 
 import psutil
 from cpu_shares import group_of
+
+ALL_CPUS = os.sched_getaffinity(0)  # the CPUs the benchmark may use, read before it pins anything
 
 
 def pin_threads(pid: int, cpus: set[int]) -> None:
@@ -27,31 +31,33 @@ def pin_threads(pid: int, cpus: set[int]) -> None:
 
 def engine_cpus_option(text: str) -> set[int]:
     """`--engine-cpus`: a comma-separated list of CPUs, some but not all of the machine's."""
-    all_cpus = set(range(os.cpu_count()))
     try:
         cpus = {int(cpu) for cpu in text.split(",")}
     except ValueError:
         cpus = set()
-    if not cpus or not cpus < all_cpus:
-        raise argparse.ArgumentTypeError(f"name some but not all of CPUs 0-{len(all_cpus) - 1}, e.g. 0")
+    if not cpus or not cpus < ALL_CPUS:
+        raise argparse.ArgumentTypeError(f"name some but not all of CPUs {sorted(ALL_CPUS)}, e.g. 0")
     return cpus
 
 
-def split_cores(engine_cpus: set[int]) -> None:
-    """Pin the benchmark's engine processes to `engine_cpus`, and its router, Ray, itself and any other process
-    it started to the other CPUs.
+@contextlib.contextmanager
+def cores_split(engine_cpus: set[int] | None) -> Iterator[None]:
+    """While inside, the benchmark's engine processes on `engine_cpus`, and its router, Ray, itself and any
+    other process it started on the other CPUs; on leaving, the benchmark back on every CPU, so that the next
+    server it starts is not confined. `None`: nothing pinned.
 
     Only the benchmark and what it started (Ray's daemons and workers descend from the `ray start --block`
     that raylm runs): nothing else on the machine is touched."""
-    others = set(range(os.cpu_count())) - engine_cpus
+    if engine_cpus is None:
+        yield
+        return
     benchmark = psutil.Process()
     for process in [benchmark, *benchmark.children(recursive=True)]:
         try:
-            pin_threads(process.pid, engine_cpus if group_of(process) == "engine" else others)
+            pin_threads(process.pid, engine_cpus if group_of(process) == "engine" else ALL_CPUS - engine_cpus)
         except (psutil.Error, OSError):
             continue  # a process that ended meanwhile
-
-
-def unpin_self() -> None:
-    """The benchmark back on every CPU, so that the next server it starts is not confined."""
-    pin_threads(os.getpid(), set(range(os.cpu_count())))
+    try:
+        yield
+    finally:
+        pin_threads(benchmark.pid, ALL_CPUS)
