@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from raylm.errors import ConfigError
 from raylm.net import free_port
-from raylm.serving import answers, keys, relay, routes
+from raylm.serving import answers, client_connection, engine_connection, keys
 from raylm.serving.admission import Limits
 from raylm.serving.router_thread import RouterThread
 from raylm.waiting import wait_until
@@ -320,7 +320,7 @@ def test_a_request_crossing_the_close_of_an_idle_engine_connection_is_resent():
 
 
 def test_connections_idle_too_long_are_not_reused(router, engines, monkeypatch):
-    monkeypatch.setattr(routes, "IDLE_REUSE_S", 0.2)
+    monkeypatch.setattr(engine_connection, "IDLE_REUSE_S", 0.2)
     with httpx.Client(timeout=10) as client:
         for pause in (0, 0, 0.4):
             time.sleep(pause)
@@ -355,13 +355,13 @@ def test_headers_over_the_limit_get_a_431_and_the_connection_closes(router):
 
 
 def test_half_a_request_is_timed_out_with_a_408(router, monkeypatch):
-    monkeypatch.setattr(relay, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(client_connection, "REQUEST_TIMEOUT_S", 0.5)
     received, closed = raw_exchange(router, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
     assert received.startswith(b"HTTP/1.1 408 ") and closed
 
 
 def test_an_idle_kept_alive_connection_is_closed(router, monkeypatch):
-    monkeypatch.setattr(relay, "IDLE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(client_connection, "IDLE_TIMEOUT_S", 0.5)
     received, closed = raw_exchange(router, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 200 ") and closed, "answered, then closed once idle"
 

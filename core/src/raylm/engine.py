@@ -157,6 +157,11 @@ class Engine(ABC):
     async def check_health(self) -> None:
         """Raise if the engine can no longer answer; Ray Serve then replaces the replica."""
 
+    def running(self) -> bool:
+        """False once the engine has stopped for good (its process exited): the replica then leaves the
+        router at once, before Serve's health check notices. Cheap: called with every heartbeat."""
+        return True
+
     @abstractmethod
     async def stop(self) -> None:
         """Stop everything `start` started. Must be safe to call more than once."""

@@ -208,6 +208,9 @@ class ServerEngine(Engine):
         if not await asyncio.to_thread(http_ok, self.url + self.health_path, 10.0):
             raise RuntimeError(f"{self.display_name}'s {self.health_path} does not answer")
 
+    def running(self) -> bool:
+        return self.server is not None and self.server.exit_code() is None
+
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop()

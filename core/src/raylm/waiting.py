@@ -42,6 +42,15 @@ async def wait_until_async(
     return value
 
 
+async def count_down(count: Callable[[], Awaitable[int]], timeout_s: float, poll_s: float = 0.2) -> int:
+    """Await `count()` every `poll_s` seconds until it is 0 or `timeout_s` passed; what it last said (the
+    one way raylm waits for requests to finish: a drain)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := await count()) and time.monotonic() < deadline:
+        await asyncio.sleep(poll_s)
+    return left
+
+
 class StateChanges:
     """Says each thing's state when it changes, with the seconds since the wait began:
     `router: running (1 running) [2s]`."""

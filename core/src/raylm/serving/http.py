@@ -74,10 +74,14 @@ def response_body(response: bytes) -> bytes:
     return bytes(reader.body)
 
 
+def json_body(payload: dict) -> bytes:
+    return json.dumps(payload).encode()
+
+
 def http_response(
     status: int, payload: dict, keep_alive: bool = True, headers: Sequence[tuple[str, str]] = ()
 ) -> bytes:
-    return raw_response(status, "application/json", json.dumps(payload).encode(), keep_alive, headers)
+    return raw_response(status, "application/json", json_body(payload), keep_alive, headers)
 
 
 def raw_response(

@@ -22,6 +22,7 @@ from raylm.serving.admission import Limits
 from raylm.serving.autoscaling import LOAD_METRIC
 from raylm.serving.keys import KeyFile
 from raylm.serving.router_thread import RouterThread
+from raylm.waiting import count_down
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,32 +80,16 @@ class RouterReplica:
         self.router.call(self.router.table.deregister, replica_id)
 
     def retire(self, replica_id: str) -> int:
-        return self.router.call(self.router.table.retire, replica_id)
+        return self.router.call(self.router.router.retire, replica_id)
 
     def load(self, model: str, replica_id: str) -> float:
-        """What one replica carries, for autoscaling: its requests in flight and its share of the queue."""
-
-        def count() -> float:
-            replicas = self.router.table.replicas(model)
-            own = sum(u.in_flight for u in replicas if u.replica_id == replica_id)
-            return own + self.router.router.admission.depth(model) / max(1, len(replicas))
-
-        return self.router.call(count)
+        return self.router.call(self.router.router.load, model, replica_id)
 
     async def drain(self, timeout_s: float) -> int:
         """Take no new requests; return once those taken are answered, or after `timeout_s` with how many
         are not."""
-
-        def start_draining() -> int:
-            self.router.router.draining = True
-            return self.router.router.unfinished()
-
-        unfinished = await asyncio.to_thread(self.router.call, start_draining)
-        deadline = time.monotonic() + timeout_s
-        while unfinished and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-            unfinished = await asyncio.to_thread(self.router.call, self.router.router.unfinished)
-        return unfinished
+        await asyncio.to_thread(self.router.call, self.router.router.start_draining)
+        return await count_down(lambda: asyncio.to_thread(self.router.call, self.router.router.unfinished), timeout_s)
 
     def check_health(self) -> None:
         if not self.router.is_alive():
@@ -156,6 +141,12 @@ class ModelReplica:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
+            if not self.engine.running():
+                # Its engine exited: the router forgets it now (a heartbeat would bring it back), and Serve's
+                # health check replaces the replica.
+                logger.warning("model %s: the engine exited; leaving the router", self.deployment.name)
+                await self.router.deregister.remote(self.replica_id)
+                return
             try:
                 await self._register()
             except Exception as exc:  # the router restarts: keep trying, it relearns us on the next beat
@@ -185,12 +176,11 @@ class ModelReplica:
     async def _drain(self) -> None:
         """Serve removes this replica (a scale-down, a replacement, a stop): the router gives it no new
         requests, and the engine stops once those it has are answered (or after REPLICA_DRAIN_S)."""
-        deadline = time.monotonic() + REPLICA_DRAIN_S
-        while (left := await asyncio.wait_for(self.router.retire.remote(self.replica_id), timeout=5)) > 0:
-            if time.monotonic() > deadline:
-                logger.warning("model %s: stopping with %d request(s) unfinished", self.deployment.name, left)
-                return
-            await asyncio.sleep(0.2)
+        left = await count_down(
+            lambda: asyncio.wait_for(self.router.retire.remote(self.replica_id), timeout=5), REPLICA_DRAIN_S
+        )
+        if left:
+            logger.warning("model %s: stopping with %d request(s) unfinished", self.deployment.name, left)
 
 
 def _model_card(url: str, name: str, api_key: str | None) -> dict | None:

@@ -3,8 +3,13 @@
 The router answers `/health` (it runs), `/ready` (every expected model has a replica),
 `/v1/models` and the errors that need no engine, in OpenAI's shape; it takes each model route's
 `model` field from the JSON body, lets its routing policy pick a replica serving that model, and
-hands the request to the byte relay (`raylm.serving.relay`). Everything an engine says, errors
-included, passes through unchanged but for error bodies not in OpenAI's shape.
+hands the request to an exchange (`raylm.serving.exchange`), which owns it until it is answered.
+Everything an engine says, errors included, passes through unchanged but for error bodies not in
+OpenAI's shape.
+
+The request path runs one way: HTTP framing (`http`), the connections to clients and to engines
+(`client_connection`, `engine_connection`), the exchange, and this dispatch on top; routing policy,
+admission, metrics and answers depend only on the route table (`routes`).
 
 Runs without Ray: `python -m raylm.serving.router --port 8000 --upstream tiny=http://127.0.0.1:8001`.
 """
@@ -18,22 +23,28 @@ import logging
 import random
 import re
 import signal
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Admission, Limits
 from raylm.serving.answers import Answers
-from raylm.serving.http import error_body, forwarded_request
+from raylm.serving.client_connection import ClientConnection, Incoming
+from raylm.serving.engine_connection import EnginePool
+from raylm.serving.exchange import Exchange, State
+from raylm.serving.http import error_body
 from raylm.serving.keys import KeyFile
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
 from raylm.serving.policy import LeastInFlight, RoutingPolicy
-from raylm.serving.relay import ClientConnection, UpstreamConnection
-from raylm.serving.routes import Lease, RouteTable, Upstream
+from raylm.serving.routes import RouteTable, Upstream
 
 logger = logging.getLogger("raylm.router")
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 MAX_CONNECTIONS = 4096
+# How long an engine may send nothing while it has a request before the request is given up (504): a
+# non-streamed answer is sent whole at its end, so this bounds the longest non-streamed generation.
+DEFAULT_READ_TIMEOUT_S = 600.0
+WATCH_S = 1.0  # how often requests at engines are checked for stalls
 # A client's own request id is kept when it is short and plain (it lands in logs and the engine's ids).
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 # Made request ids: 128 random bits from a generator seeded once from the OS (uuid4 reads the OS's
@@ -44,7 +55,7 @@ UNAUTHORIZED = error_body(
     401, "Incorrect API key provided: send one of the endpoint's keys as `Authorization: Bearer KEY`.",
     code="invalid_api_key",
 )  # fmt: skip
-Handler = Callable[[ClientConnection, bytes, bytes, list, bytes], None]
+Handler = Callable[[ClientConnection, Incoming], None]
 
 
 class Router:
@@ -61,11 +72,16 @@ class Router:
         access_log: bool = True,
         cold_starts: Mapping[str, float] | None = None,
         start_replica: Callable[[str], None] | None = None,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         self.table = table
         self.policy = policy or LeastInFlight()
         self.admission = Admission(limits)
         table.on_change = self.admission.replicas_changed
+        self.pool = EnginePool(lambda: self.loop)
+        table.on_removed = self.pool.close
+        self.active: set[Exchange] = set()  # exchanges holding a lease on a replica
+        self.read_timeout_s = read_timeout_s
         # Models that may have no replica (scaled to zero), and how long a request waits for one to start;
         # `start_replica(model)` asks for one and blocks until it runs (it is called on a worker thread).
         self.cold_starts = dict(cold_starts or {})
@@ -82,75 +98,97 @@ class Router:
         self.max_connections = max_connections  # past it, a new connection gets 503 (file descriptors are finite)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.server: asyncio.AbstractServer | None = None
-        # A route is one entry: (method, path) -> handler(client, method, url, headers, body).
+        self.watcher: asyncio.Task | None = None
+        # A route is one entry: (method, path) -> handler(client, request).
         self.routes: dict[tuple[bytes, str], Handler] = {(b"POST", path): self.route_to_model for path in MODEL_ROUTES}
         for method in (b"GET", b"HEAD"):
-            self.routes[(method, "/health")] = lambda client, *_: client.reply(200, {"status": "ok"})
+            self.routes[(method, "/health")] = lambda client, request: client.respond(request, 200, {"status": "ok"})
             # `/` too: what a platform polls by default (Cloudera ML's applications do).
-            self.routes[(method, "/")] = lambda client, *_: client.reply(200, {"status": "ok"})
+            self.routes[(method, "/")] = lambda client, request: client.respond(request, 200, {"status": "ok"})
             self.routes[(method, "/ready")] = self.ready
-            self.routes[(method, "/v1/models")] = lambda client, *_: client.reply(200, self.table.models_payload())
-            self.routes[(method, "/metrics")] = lambda client, *_: self.loop.create_task(self.serve_metrics(client))
+            self.routes[(method, "/v1/models")] = lambda client, request: client.respond(
+                request, 200, self.table.models_payload()
+            )
+            self.routes[(method, "/metrics")] = lambda client, request: self.loop.create_task(
+                self.serve_metrics(client, request)
+            )
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
         if self.answers is not None:
             self.answers.loop = self.loop
         self.server = await self.loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
+        self.watcher = self.loop.create_task(self.watch_engines())
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             await self.server.wait_closed()
+        if self.watcher is not None:
+            self.watcher.cancel()
         if self.answers is not None:
             self.answers.flush()
-        self.table.close()
+        self.pool.close_all()
 
-    def dispatch(self, client: ClientConnection, method: bytes, url: bytes, headers: list, body: bytes) -> None:
-        path = url.split(b"?", 1)[0].decode("latin-1").rstrip("/") or "/"
+    async def watch_engines(self) -> None:
+        """Give up requests whose engine has sent nothing for the read timeout (one check for all of them,
+        not a timer per request or per chunk)."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            now = time.monotonic()
+            for exchange in list(self.active):
+                exchange.check_progress(now, self.read_timeout_s)
+
+    # what a client connection asks
+    def screen(self, method: bytes, path: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, dict] | None:
+        """Refuse a request from its head alone: without one of the endpoint's keys, its body is not read."""
         if self.keys is not None and (path.startswith("/v1/") or path == "/metrics"):
             authorization = next((value for name, value in headers if name.lower() == b"authorization"), None)
             if not self.keys.allows(authorization):
                 if self.metrics is not None:
                     self.metrics.unauthorized.inc()
-                client.reply(401, UNAUTHORIZED)
-                return
+                return 401, UNAUTHORIZED
+        return None
+
+    def dispatch(self, client: ClientConnection, request: Incoming) -> None:
+        path, method = request.path, request.method
         handler = self.routes.get((method, path))
         if handler is not None:
-            handler(client, method, url, headers, body)
+            handler(client, request)
         elif path in MODEL_ROUTES:
-            client.reply(405, error_body(405, f"{path} takes POST"))
+            client.respond(request, 405, error_body(405, f"{path} takes POST"))
         elif method in (b"GET", b"HEAD") and path.startswith("/v1/models/"):
-            self.model_card(client, path.removeprefix("/v1/models/"))
+            self.model_card(client, request, path.removeprefix("/v1/models/"))
         else:
-            client.reply(404, error_body(404, f"no route {method.decode()} {path}", code="unknown_route"))
+            client.respond(request, 404, error_body(404, f"no route {method.decode()} {path}", code="unknown_route"))
 
-    async def serve_metrics(self, client: ClientConnection) -> None:
+    async def serve_metrics(self, client: ClientConnection, request: Incoming) -> None:
         if self.metrics is None:
-            client.reply(404, error_body(404, "metrics are off", code="unknown_route"))
+            client.respond(request, 404, error_body(404, "metrics are off", code="unknown_route"))
             return
         upstreams = [u for model in self.table.model_names() for u in self.table.replicas(model)]
         self.answers.flush()  # every request answered before the scrape is counted in it
-        client.reply_raw(200, CONTENT_TYPE, self.metrics.render(await engine_metrics(upstreams)))
+        client.respond_raw(request, 200, CONTENT_TYPE, self.metrics.render(await engine_metrics(upstreams)))
 
-    def ready(self, client: ClientConnection, *_) -> None:
+    def ready(self, client: ClientConnection, request: Incoming) -> None:
         """Ready: every model has a replica, or may have none (scaled to zero: a request starts one)."""
         without_replica = self.table.pending_models()
         idle = [m for m in without_replica if m in self.cold_starts]
         pending = [m for m in without_replica if m not in self.cold_starts]
         if self.draining:
-            client.reply(503, {"status": "draining"})
+            client.respond(request, 503, {"status": "draining"})
         elif pending:
-            client.reply(503, {"status": "starting", "pending_models": pending})
+            client.respond(request, 503, {"status": "starting", "pending_models": pending})
         else:
-            client.reply(200, {"status": "ready", "models": self.table.model_names(), "scaled_to_zero": idle})
+            payload = {"status": "ready", "models": self.table.model_names(), "scaled_to_zero": idle}
+            client.respond(request, 200, payload)
 
-    def model_card(self, client: ClientConnection, name: str) -> None:
+    def model_card(self, client: ClientConnection, request: Incoming, name: str) -> None:
         card = next((c for c in self.table.models_payload()["data"] if c["id"] == name), None)
         if card is None:
-            client.reply(404, self.unknown_model(name))
+            client.respond(request, 404, self.unknown_model(name))
         else:
-            client.reply(200, card)
+            client.respond(request, 200, card)
 
     def unknown_model(self, model: str) -> dict:
         served = ", ".join(self.table.model_names()) or "none"
@@ -158,51 +196,60 @@ class Router:
             404, f"The model {model!r} does not exist. Served models: {served}.", code="model_not_found", param="model"
         )
 
-    def route_to_model(self, client: ClientConnection, method: bytes, url: bytes, headers: list, body: bytes) -> None:
-        client.request_id, headers = request_id(headers)
+    def route_to_model(self, client: ClientConnection, request: Incoming) -> None:
+        given_id, headers = request_id(request.headers)
+        # Metrics count by the router's own routes and served model names only: a client cannot make up
+        # label values.
+        exchange = Exchange(self, client, request, request.path, "(unknown)", given_id, headers, {},
+                            self.keys is not None)  # fmt: skip
         try:
-            payload = json.loads(body)
+            payload = json.loads(request.body)
         except ValueError as exc:
-            client.reply(400, error_body(400, f"the request body is not valid JSON: {exc}"))
+            exchange.reply(400, error_body(400, f"the request body is not valid JSON: {exc}"))
             return
         model = payload.get("model") if isinstance(payload, dict) else None
-        # Metrics count by served model names only: a client cannot make up label values.
-        known = isinstance(model, str) and (model in self.table.expected_models or bool(self.table.replicas(model)))
-        client.route, client.model = url.split(b"?", 1)[0].decode("latin-1"), model if known else "(unknown)"
+        if isinstance(model, str) and (model in self.table.expected_models or self.table.replicas(model)):
+            exchange.model = model
+        exchange.payload = payload
         if not isinstance(model, str) or not model:
-            client.reply(400, error_body(400, "the request needs a `model` field naming a served model", param="model"))
+            message = "the request needs a `model` field naming a served model"
+            exchange.reply(400, error_body(400, message, param="model"))
             return
         if self.draining:
             message = "the endpoint is shutting down; retry on another endpoint or later"
-            client.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
+            exchange.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
             return
         if not self.table.replicas(model) and model not in self.cold_starts:
             if model in self.table.expected_models:
                 message = f"model {model!r} is starting; retry shortly"
-                client.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
+                exchange.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
             else:
-                client.reply(404, self.unknown_model(model))
+                exchange.reply(404, self.unknown_model(model))
             return
-        self.admit(client, Request(method, url, headers, body, payload, self.keys is not None), model, woken=False)
+        exchange.model = model
+        self.admit(exchange, woken=False)
 
-    def admit(self, client: ClientConnection, request: Request, model: str, woken: bool) -> None:
-        """Forward `request` to a replica with room; else it waits its turn, or is refused when too many
-        wait already. `woken`: it waited, and a replica finished a request since."""
-        if client.transport is None:  # woken after its client hung up: the turn goes to the next one
+    # what an exchange asks
+    def admit(self, exchange: Exchange, woken: bool) -> None:
+        """Forward the exchange to a replica with room; else it waits its turn, or is refused when too many
+        wait already. `woken`: it waited (or its replica failed), and goes before those that did not. The one
+        way a replica is chosen, first tries and retries alike."""
+        model = exchange.model
+        exchange.queued = None
+        if exchange.state is State.DONE:  # its client left as it was woken: the turn goes to the next one
             self.admission.released(model)
             return
         replicas = self.table.replicas(model)
         if not replicas and model not in self.cold_starts:  # every replica went away while it waited
-            client.reply(503, error_body(503, f"no replica of model {model!r} is reachable", code="model_unavailable"))
+            message = f"no replica of model {model!r} is reachable"
+            exchange.reply(503, error_body(503, message, code="model_unavailable"))
             return
         room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
-        client.waiting = None
         if room:
-            self.forward(client, self.policy.choose(room, request.payload), request, retries=1)
+            exchange.forward(self.policy.choose(room, exchange.payload))
             return
-        client.waiting = (model, lambda: self.admit(client, request, model, woken=True))
-        if not self.admission.wait(*client.waiting, first=woken):
-            client.waiting = None
+        resume = lambda: self.admit(exchange, woken=True)  # noqa: E731
+        if not self.admission.wait(model, resume, first=woken):
             if self.metrics is not None:
                 self.metrics.rejected.labels(model).inc()
             limits = self.admission.limits_of(model)
@@ -210,20 +257,49 @@ class Router:
                 f"model {model!r} is at capacity ({limits.max_ongoing_requests} requests per replica, "
                 f"{limits.max_queued_requests} waiting); retry shortly"
             )
-            client.reply(429, error_body(429, message, code="rate_limit_exceeded"), retry_after_s=RETRY_AFTER_S)
-        elif not replicas:
-            self.wait_for_cold_start(client, model, client.waiting)
+            exchange.reply(429, error_body(429, message, code="rate_limit_exceeded"), retry_after_s=RETRY_AFTER_S)
+            return
+        exchange.queued = resume
+        if not replicas:
+            self.wait_for_cold_start(exchange)
 
-    def wait_for_cold_start(self, client: ClientConnection, model: str, waiting: tuple) -> None:
-        """`client` waits for a replica of a model that has none: one is asked for (once for all of them),
+    def leave_queue(self, exchange: Exchange) -> None:
+        self.admission.leave(exchange.model, exchange.queued)
+        exchange.queued = None
+
+    def released(self, model: str) -> None:
+        self.admission.released(model)
+
+    def unreachable(self, upstream: Upstream, exc: OSError) -> None:
+        if self.metrics is not None:
+            self.metrics.connect_failures.labels(upstream.model).inc()
+        logger.warning("model %s: replica %s at %s unreachable (%s); removed", upstream.model, upstream.replica_id,
+                       upstream.url, exc or type(exc).__name__)  # fmt: skip
+        self.table.deregister(upstream.replica_id)
+
+    def resent(self, upstream: Upstream) -> None:
+        if self.metrics is not None:
+            self.metrics.resends.labels(upstream.model).inc()
+
+    def record(self, exchange: Exchange, status: int) -> None:
+        if self.answers is not None:
+            now = time.monotonic()
+            arrived = exchange.request.arrived
+            first_byte = None if exchange.first_byte_at is None else exchange.first_byte_at - arrived
+            self.answers.add(
+                exchange.request_id.decode("latin-1"), exchange.route, exchange.model, status, first_byte,
+                now - arrived, exchange.sent, exchange.replica,
+            )  # fmt: skip
+
+    def wait_for_cold_start(self, exchange: Exchange) -> None:
+        """The exchange waits for a replica of a model that has none: one is asked for (once for all of them),
         and the request gets 503 if none runs in time."""
+        model = exchange.model
 
         def give_up() -> None:
-            if client.waiting is waiting:  # still in the queue
-                self.admission.leave(*waiting)
-                client.waiting = None
+            if exchange.queued is not None:  # still in the queue
                 message = f"model {model!r} is scaled to zero and its first replica did not start in {timeout_s:g}s"
-                client.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
+                exchange.reply(503, error_body(503, message, code="model_starting"), retry_after_s=RETRY_AFTER_S)
 
         timeout_s = self.cold_starts[model]
         self.loop.call_later(timeout_s, give_up)
@@ -244,69 +320,25 @@ class Router:
         finally:
             self.starting.discard(model)
 
+    # what the replicas ask (through `raylm.serving.router_thread.RouterThread`)
+    def load(self, model: str, replica_id: str) -> float:
+        """What one replica carries, for autoscaling: its requests in flight and its share of the queue."""
+        replicas = self.table.replicas(model)
+        own = sum(u.in_flight for u in replicas if u.replica_id == replica_id)
+        return own + self.admission.depth(model) / max(1, len(replicas))
+
+    def retire(self, replica_id: str) -> int:
+        """Give a replica no new requests (it is going away); how many it still has in flight."""
+        return self.table.retire(replica_id)
+
+    def start_draining(self) -> int:
+        """Take no new requests; how many taken are unfinished."""
+        self.draining = True
+        return self.unfinished()
+
     def unfinished(self) -> int:
         """Requests taken and not yet answered: in flight on a replica, or waiting for one."""
         return self.table.in_flight() + sum(map(self.admission.depth, self.table.model_names()))
-
-    def pick(self, model: str, request: dict) -> Upstream | None:
-        replicas = self.table.replicas(model)
-        return self.policy.choose(replicas, request) if replicas else None
-
-    def forward(self, client: ClientConnection, upstream: Upstream, request: Request, retries: int) -> None:
-        """Send `request` to `upstream`; with `retries` left, to another replica of the model if `upstream`
-        cannot be reached."""
-        client.replica = upstream.replica_id
-        lease = Lease(upstream, self.admission.released)
-        wire = request.to(upstream)
-        connection = upstream.take_idle()
-        if connection is not None:
-            connection.send(client, wire, lease, reused=True, request=request)
-        else:
-            self.loop.create_task(self._connect_and_send(client, lease, request, retries))
-
-    async def _connect_and_send(self, client: ClientConnection, lease: Lease, request: Request, retries: int) -> None:
-        upstream = lease.upstream
-        try:
-            _, connection = await self.loop.create_connection(
-                lambda: UpstreamConnection(upstream), upstream.host, upstream.port
-            )
-        except OSError as exc:
-            lease.release()
-            if self.metrics is not None:
-                self.metrics.connect_failures.labels(upstream.model).inc()
-            logger.warning("model %s: replica %s at %s unreachable (%s); removed", upstream.model, upstream.replica_id,
-                           upstream.url, exc)  # fmt: skip
-            self.table.deregister(upstream.replica_id)
-            other = self.pick(upstream.model, request.payload)
-            if other is not None and retries > 0:
-                self.forward(client, other, request, retries - 1)
-            else:
-                client.reply(
-                    503,
-                    error_body(503, f"no replica of model {upstream.model!r} is reachable", code="model_unavailable"),
-                )
-            return
-        if client.transport is None:  # the client left while we connected
-            lease.release()
-            connection.park()
-            return
-        connection.send(client, request.to(upstream), lease, reused=False, request=request)
-
-
-@dataclass(frozen=True)
-class Request:
-    """A model request as it arrived, and its parsed body (what the routing policy picks by)."""
-
-    method: bytes
-    url: bytes
-    headers: list
-    body: bytes
-    payload: dict
-    endpoint_key: bool  # its `authorization` was the endpoint's key: never passed on
-
-    def to(self, upstream: Upstream) -> bytes:
-        """The bytes sent to this replica's engine (with its key)."""
-        return forwarded_request(self.method, self.url, self.headers, self.body, upstream.api_key, self.endpoint_key)
 
 
 def request_id(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -333,7 +365,10 @@ async def _serve_forever(args: argparse.Namespace) -> None:
         table.register(model, url, replica_id=f"static-{index}")
     keys = KeyFile(args.api_key_file) if args.api_key_file else None
     limits = {model: Limits(args.max_ongoing_requests, args.max_queued_requests) for model, _ in args.upstream}
-    router = Router(table, metrics=not args.no_metrics, keys=keys, limits=limits, access_log=not args.no_access_log)
+    router = Router(
+        table, metrics=not args.no_metrics, keys=keys, limits=limits, access_log=not args.no_access_log,
+        read_timeout_s=args.read_timeout,
+    )  # fmt: skip
     await router.start(args.host, args.port)
     logger.info("routing on http://%s:%d", args.host, args.port)
     stopping = asyncio.Event()
@@ -359,6 +394,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-access-log", action="store_true", help="no line per request")
     parser.add_argument("--max-ongoing-requests", type=int, default=DEFAULT_MAX_ONGOING_REQUESTS, help="per upstream")
     parser.add_argument("--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS, help="per model")
+    parser.add_argument(
+        "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
+        help="seconds an engine may send nothing while it has a request (then 504)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(_serve_forever(args))

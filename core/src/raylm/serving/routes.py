@@ -6,23 +6,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from raylm.serving.relay import UpstreamConnection
-
 logger = logging.getLogger("raylm.router")
-
-# An engine server closes keep-alive connections idle for a while (uvicorn, under vLLM and SGLang:
-# 5 s). Reusing one just as it closes loses the request, so idle connections are reused only while
-# well inside that time; an older one is closed and a new one opened.
-IDLE_REUSE_S = 2.0
 
 
 @dataclass(eq=False)
 class Upstream:
-    """One replica's engine server, with its requests in flight and its idle keep-alive connections."""
+    """One replica's engine server, with its requests in flight."""
 
     model: str
     host: str
@@ -32,25 +23,10 @@ class Upstream:
     in_flight: int = 0
     retiring: bool = False  # going away: finishes its requests, is given no new ones
     last_seen: float = field(default_factory=time.monotonic)
-    idle: list[UpstreamConnection] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    def close_idle(self) -> None:
-        for connection in list(self.idle):
-            connection.transport.close()
-        self.idle.clear()
-
-    def take_idle(self) -> UpstreamConnection | None:
-        """The most recently used idle connection, unless the engine may be about to time it out."""
-        while self.idle:
-            connection = self.idle.pop()  # the newest: if it is too old, so are the rest
-            if time.monotonic() - connection.idle_since < IDLE_REUSE_S:
-                return connection
-            connection.transport.close()
-        return None
 
 
 class Lease:
@@ -80,6 +56,8 @@ class RouteTable:
         self.cards: dict[str, dict] = {}
         # Told the model whose replicas came or went (the router's queues wake who can go now).
         self.on_change: Callable[[str, list[Upstream]], None] = lambda model, replicas: None
+        # Told of a replica that left the table (the router closes its idle engine connections).
+        self.on_removed: Callable[[Upstream], None] = lambda upstream: None
 
     def register(
         self, model: str, url: str, replica_id: str, card: dict | None = None, api_key: str | None = None
@@ -92,8 +70,7 @@ class RouteTable:
                 upstream.last_seen = time.monotonic()
                 if (upstream.host, upstream.port, upstream.api_key) == (parts.hostname, parts.port, api_key):
                     break
-                replicas.remove(upstream)
-                upstream.close_idle()
+                self._remove(replicas, upstream)
         else:
             replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id, api_key))
             logger.info("model %s: replica %s at %s", model, replica_id, url)
@@ -104,8 +81,7 @@ class RouteTable:
     def deregister(self, replica_id: str) -> None:
         for model, replicas in self.upstreams.items():
             for upstream in [u for u in replicas if u.replica_id == replica_id]:
-                replicas.remove(upstream)
-                upstream.close_idle()
+                self._remove(replicas, upstream)
                 self.on_change(model, replicas)
 
     def expire(self, older_than: float) -> None:
@@ -114,9 +90,12 @@ class RouteTable:
         for model, replicas in self.upstreams.items():
             for upstream in [u for u in replicas if u.last_seen < cutoff]:
                 logger.warning("model %s: replica %s stopped answering; removed", upstream.model, upstream.replica_id)
-                replicas.remove(upstream)
-                upstream.close_idle()
+                self._remove(replicas, upstream)
                 self.on_change(model, replicas)
+
+    def _remove(self, replicas: list[Upstream], upstream: Upstream) -> None:
+        replicas.remove(upstream)
+        self.on_removed(upstream)
 
     def retire(self, replica_id: str) -> int:
         """Give the replica no new requests (it is going away); how many it still has in flight."""
@@ -131,11 +110,6 @@ class RouteTable:
 
     def in_flight(self) -> int:
         return sum(upstream.in_flight for replicas in self.upstreams.values() for upstream in replicas)
-
-    def close(self) -> None:
-        for replicas in self.upstreams.values():
-            for upstream in replicas:
-                upstream.close_idle()
 
     def model_names(self) -> list[str]:
         return sorted(set(self.expected_models) | {m for m, r in self.upstreams.items() if r})
