@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from routertools import Routing
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -26,7 +27,6 @@ from raylm.errors import ConfigError
 from raylm.net import free_port
 from raylm.serving import answers, client_connection, engine_connection, keys
 from raylm.serving.admission import Limits
-from raylm.serving.router_thread import RouterThread
 from raylm.waiting import wait_until
 
 
@@ -97,25 +97,6 @@ class FakeEngine:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(5)
-
-
-class Routing(RouterThread):
-    """raylm's router thread, as a context manager listening on a free port."""
-
-    def __init__(self, expected_models, **router_options):
-        super().__init__(expected_models, **router_options)
-        self.port = free_port()
-
-    @property
-    def url(self):
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.start("127.0.0.1", self.port)
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 @pytest.fixture
