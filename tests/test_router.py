@@ -438,6 +438,13 @@ def test_keys_rotate_by_editing_the_file(locked, key_file):
     key_file.write_text("second-key\n")
     os.utime(key_file, (time.time() + 1, time.time() + 1))  # a new modification time even within one tick
     assert (status("first-key"), status("second-key")) == (401, 200)
+    key_file.write_text("second-key\n  # third-key, indented: a comment\n")
+    os.utime(key_file, (time.time() + 2, time.time() + 2))
+    assert (status("second-key"), status("# third-key, indented: a comment")) == (200, 401)
+    key_file.unlink()  # no file, no key: the endpoint is closed, not left open to the old keys
+    assert status("second-key") == 401
+    key_file.write_text("second-key\n")
+    assert status("second-key") == 200
 
 
 def test_the_endpoints_key_file_is_the_one_given_or_written_from_the_environment(key_file, tmp_path, monkeypatch):

@@ -74,12 +74,20 @@ class ServerEngine(Engine):
     def __init__(self, deployment: ModelDeployment):
         super().__init__(deployment)
         for token in deployment.engine_args:
-            option = token.split("=", 1)[0]
-            if option in self.reserved_options:
+            reserved = self.reserved_option(token)
+            if reserved is not None:
                 raise ConfigError(
-                    f"model {deployment.name!r}: raylm sets {option} itself; "
-                    f"use {self.reserved_options[option]} instead"
+                    f"model {deployment.name!r}: raylm sets {reserved} itself; "
+                    f"use {self.reserved_options[reserved]} instead"
                 )
+
+    def reserved_option(self, token: str) -> str | None:
+        """The reserved option `token` names, however spelled: with underscores (`--api_key`, which
+        vLLM's parser takes) or abbreviated (`--api-k`, which argparse's defaults take)."""
+        if not token.startswith("--") or len(token) < 4:
+            return None
+        option = "--" + token.split("=", 1)[0][2:].replace("_", "-")
+        return next((name for name in self.reserved_options if name.startswith(option)), None)
 
     @property
     def python(self) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,16 @@ from typing import Any
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     """Write `text` to `path` so that a reader sees the old content or the new, never half of it; a new
     file gets `mode` from its creation on (0o600: never readable by others, not even for a moment)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.unlink(missing_ok=True)
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
-        file.write(text)
-    temporary.replace(path)
+    # A temporary name of its own: two writers of one file (two processes, two threads) never share one.
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(handle, mode)
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 def raylm_home() -> Path:

@@ -33,7 +33,7 @@ def test_sglangs_own_parser_rejects_a_bad_choice(tiny_llama, sglang_python):
         engine.validate()
 
 
-@pytest.mark.parametrize("option", ["--model-path", "--port", "--served-model-name"])
+@pytest.mark.parametrize("option", ["--model-path", "--port", "--served-model-name", "--config", "--api_key", "--conf"])
 def test_options_raylm_sets_are_refused(option):
     with pytest.raises(ConfigError, match="raylm sets"):
         SGLangEngine(ModelDeployment(model="m", name="t", engine="sglang", engine_args=(option, "x")))

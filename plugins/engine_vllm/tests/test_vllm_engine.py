@@ -24,7 +24,9 @@ class TestVLLMEngine(EngineContract):
         return ModelDeployment(model=str(tiny_llama), name="tiny-contract", engine="vllm", engine_args=TINY_ARGS)
 
 
-@pytest.mark.parametrize("option", ["--port", "--host", "--served-model-name", "--model=/x"])
+@pytest.mark.parametrize(
+    "option", ["--port", "--host", "--served-model-name", "--model=/x", "--api_key", "--served_model_name=x", "--api-k"]
+)
 def test_options_raylm_sets_are_refused(option):
     with pytest.raises(ConfigError, match="raylm sets"):
         VLLMEngine(ModelDeployment(model="m", name="t", engine="vllm", engine_args=(option, "1")))

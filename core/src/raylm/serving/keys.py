@@ -34,8 +34,8 @@ class KeyFile:
     def reload(self) -> None:
         changed = os.stat(self.path).st_mtime
         if changed != self.changed:
-            lines = self.path.read_text().splitlines()
-            self.keys = [line.strip().encode() for line in lines if line.strip() and not line.startswith("#")]
+            lines = [line.strip() for line in self.path.read_text().splitlines()]
+            self.keys = [line.encode() for line in lines if line and not line.startswith("#")]
             self.changed = changed
             logger.info("API keys: %d read from %s", len(self.keys), self.path)  # how many, never which
 
@@ -45,7 +45,11 @@ class KeyFile:
             self.checked = now
             try:
                 self.reload()
-            except OSError as exc:  # a file being replaced: keep the keys it had
+            except FileNotFoundError:  # removed (a replacement by rename never is): no key holds any more
+                if self.keys:
+                    logger.error("API keys: %s is gone; every request is refused until it is back", self.path)
+                self.keys, self.changed = [], -1.0
+            except OSError as exc:  # unreadable for a moment: keep the keys it had
                 logger.warning("API keys: %s unreadable (%s); keeping the last ones", self.path, exc)
         scheme, _, key = (authorization or b"").partition(b" ")
         if scheme.lower() != b"bearer" or not key:
