@@ -4,7 +4,9 @@ The backend, the engines and Ray Serve's applications are stand-ins that record 
 asked; the orchestration under test is the real one.
 """
 
+import concurrent.futures
 import dataclasses
+import threading
 import types
 from pathlib import Path
 
@@ -189,6 +191,26 @@ def test_a_start_that_fails_stops_everything_it_started(registry):
     assert FakeApps.deployed["127.0.0.1:4"] == []
     assert ("down", "orch") in CALLS and DEPLOYMENTS.names() == []
     assert ("remember", "orch") not in CALLS, "a plan that never served is not kept to serve again"
+
+
+def test_two_starts_of_one_name_at_once_the_second_is_refused_and_touches_nothing(registry, monkeypatch):
+    in_up, go_on = threading.Event(), threading.Event()
+    up = RecordingBackend.up
+
+    def slow_up(self, progress):
+        in_up.set()
+        go_on.wait(10)
+        return up(self, progress)
+
+    monkeypatch.setattr(RecordingBackend, "up", slow_up)
+    first = concurrent.futures.ThreadPoolExecutor(1).submit(serve, registry, plan())
+    assert in_up.wait(10)
+    with pytest.raises(ConfigError, match=r"a `raylm serve` of 'orch' is already under way \(pid \d+\)"):
+        serve(registry, plan())
+    go_on.set()
+    assert first.result(10).models == ("small",)
+    assert FakeApps.deployed["127.0.0.1:4"] == ["raylm-orch-router", "raylm-orch-small"]
+    assert DEPLOYMENTS.names() == ["orch"]
 
 
 def test_a_bad_engine_argument_deploys_no_model_and_stops_what_started_meanwhile(registry):

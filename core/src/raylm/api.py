@@ -30,6 +30,7 @@ from raylm.plugins import Registry, get_registry
 from raylm.processes import DEPLOYMENT_MARKER, end_processes, marked_processes
 from raylm.serving.apps import RayServeApps, app_name
 from raylm.serving.keys import endpoint_key_file, key_file_from_environment
+from raylm.state import Busy, exclusive
 from raylm.waiting import wait_until
 
 READY_TIMEOUT_S = 1800
@@ -96,7 +97,21 @@ def serve(
     deployment of the same name is stopped first instead of being an error. `apps` reaches the
     cluster's Serve applications (tests pass a stand-in).
     """
-    registry = registry or get_registry()
+    try:
+        with exclusive("serve", plan.name):
+            return _serve(plan, progress, registry or get_registry(), ready_timeout_s, replace, apps)
+    except Busy as busy:
+        by = f" (pid {busy.pid})" if busy.pid else ""
+        raise ConfigError(
+            f"a `raylm serve` of {plan.name!r} is already under way{by}: wait for it, or choose another --name"
+        ) from None
+
+
+def _serve(
+    plan: ServePlan, progress: Progress, registry: Registry, ready_timeout_s: float, replace: bool, apps: AppsFactory
+) -> Deployment:
+    """`serve`, with the deployment's name held: no other start of the same name runs meanwhile, and so
+    none can clean up after itself what this one started."""
     if replace and DEPLOYMENTS.load(plan.name) is not None:
         progress(f"replacing the deployment {plan.name!r}")
         stop(plan.name, progress=progress, registry=registry, apps=apps)
@@ -105,6 +120,7 @@ def serve(
     backend_name = plan.backend or registry.default_backend()
     # Unless told otherwise, each deployment gets a cluster of its own name (for `local`: its own Ray head).
     backend = make_backend(backend_name, {"cluster": plan.name, **plan.backend_options}, registry)
+    backend.check_plan(plan)
     if backend.head_is_local:
         check_port_free(plan.host, plan.port)
     owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks

@@ -80,6 +80,10 @@ class Backend(ABC):
         """Change the number of worker nodes."""
         raise ClusterError(f"the {type(self).__name__} backend cannot scale; it has a fixed set of nodes")
 
+    def check_plan(self, plan: ServePlan) -> None:  # noqa: B027 - optional: by default any plan is fine
+        """Refuse (raise `raylm.errors.ConfigError`) a plan this cluster cannot serve safely, before anything
+        starts: e.g. an endpoint the platform opens to anyone, without the endpoint's keys."""
+
     def remember_plan(self, plan: ServePlan) -> None:  # noqa: B027 - optional: by default nothing is kept
         """`plan` now serves on this cluster. A backend whose cluster can lose its head and come back by
         itself keeps the plan, to serve it again there (cai); the default keeps nothing."""

@@ -5,9 +5,12 @@ They live under `$RAYLM_HOME` (default `~/.raylm`), one JSON file per record.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,33 @@ def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
 
 def raylm_home() -> Path:
     return Path(os.environ.get("RAYLM_HOME") or Path.home() / ".raylm")
+
+
+class Busy(Exception):
+    """Another process holds the lock; `pid` is the one that took it (None if unknown)."""
+
+    def __init__(self, pid: int | None):
+        super().__init__(pid)
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def exclusive(kind: str, name: str) -> Iterator[None]:
+    """Hold the lock of `name` among `kind` (e.g. one deployment's start) for the block, or raise `Busy` at
+    once. The kernel lets go of it when the process ends, however it ends: no stale lock to clean up."""
+    folder = raylm_home() / "locks" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip()
+            raise Busy(int(holder) if holder.isdigit() else None) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 class Records:

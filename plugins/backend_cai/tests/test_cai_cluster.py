@@ -94,6 +94,20 @@ def test_up_from_outside_cml_says_where_to_run_it(cml, project, console, tmp_pat
     assert console("cluster", "status", "--backend", "cai", env=laptop).stdout.strip() == "no such cluster running"
 
 
+def test_an_endpoint_open_to_anyone_without_keys_is_refused_before_anything_starts(
+    cml, session_env, console, tiny_llama
+):
+    done = console(
+        "serve", str(tiny_llama), "--backend", "cai", "--bypass-authentication", *SIZES, *TINY_ARGS, env=session_env
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "raylm: error: --bypass-authentication opens the endpoint to anyone who reaches its URL: give it keys "
+        "(--api-key-file, or RAYLM_API_KEY)"
+    ]
+    assert cml.applications() == []
+
+
 def test_a_worker_that_fails_fails_up_and_leaves_no_application(cml, session_env, console):
     cml.faults.fail_applications(r"-worker-2$")
     try:

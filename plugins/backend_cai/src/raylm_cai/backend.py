@@ -22,7 +22,7 @@ from typing import Any
 
 from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
 from raylm.config import ServePlan
-from raylm.errors import ClusterError
+from raylm.errors import ClusterError, ConfigError
 from raylm.state import write_atomically
 from raylm.waiting import StateChanges, wait_until
 from raylm_cai import plans
@@ -69,6 +69,26 @@ class CAIBackend(Backend):
             raise ClusterError(f"--max-workers must be >= 1 and >= --min-workers ({low or 0}), got {high}")
         if (self.options.get("idle_timeout") or 0) < 0:
             raise ClusterError(f"--idle-timeout must be >= 0 seconds, got {self.options['idle_timeout']}")
+
+    def check_plan(self, plan: ServePlan) -> None:
+        """An endpoint open to anyone (the applications made with --bypass-authentication, now or when the
+        cluster was made) needs the endpoint's keys."""
+        if plan.api_key_file is not None:
+            return
+        head = (
+            None
+            if self.options.get("bypass_authentication")
+            else self._applications().get(head_name(self.cluster_name))
+        )
+        if self.options.get("bypass_authentication") or (head or {}).get("bypass_authentication"):
+            raise ConfigError(
+                "--bypass-authentication opens the endpoint to anyone who reaches its URL: give it keys "
+                "(--api-key-file, or RAYLM_API_KEY)"
+            )
+
+    def _head_bypasses_authentication(self) -> bool:
+        head = self._applications().get(head_name(self.cluster_name))
+        return bool(head and head.get("bypass_authentication"))
 
     @property
     def may_add_nodes(self) -> bool:  # type: ignore[override]
