@@ -427,3 +427,13 @@ def test_a_stream_cut_by_the_client_is_counted_and_logged(router, engine, caplog
     client.close()
     soon(lambda: answered(router, 499) == 1, "the cut stream counted")
     assert any("cut-1" in r.getMessage() and "status=499" in r.getMessage() for r in caplog.records)
+
+
+def test_a_thousand_hostile_requests_leave_nothing_behind():
+    """bench/hostile.py: pipelined, half-sent, hung up in every state, oversized, keyless, malformed, HTTP/1.0
+    and slow clients against the standalone router process leave nothing in flight or queued, and its memory
+    where it was."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "hostile.py"
+    done = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "in flight after: 0, queued after: 0" in done.stdout
