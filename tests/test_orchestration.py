@@ -17,8 +17,8 @@ import raylm
 from raylm.config import load_plan_file, plan_document
 from raylm.deployments import DEPLOYMENTS
 from raylm.errors import ConfigError, DeploymentError
+from raylm.model_settings import Autoscaling
 from raylm.net import free_port
-from raylm.serving.autoscaling import Autoscaling
 
 CALLS = []
 

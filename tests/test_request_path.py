@@ -18,9 +18,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from routertools import Routing
 
+from raylm.model_settings import Limits
 from raylm.net import free_port
 from raylm.serving import client_connection
-from raylm.serving.admission import Limits
 from raylm.serving.engine_connection import EngineConnection, EnginePool
 from raylm.serving.keys import KeyFile
 from raylm.serving.routes import Upstream

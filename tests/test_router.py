@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from raylm.errors import ConfigError
+from raylm.model_settings import Limits
 from raylm.net import free_port
 from raylm.serving import answers, client_connection, engine_connection, keys
-from raylm.serving.admission import Limits
 from raylm.waiting import wait_until
 
 

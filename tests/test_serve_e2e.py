@@ -229,6 +229,15 @@ def test_the_engines_answer_the_router_only(deployment):
     refused = httpx.post(f"{url}/v1/completions", json=request, headers=deployment["headers"])
     assert refused.status_code == 401, "the endpoint's key must not open an engine"
     assert httpx.post(f"{url}/v1/completions", json=request, headers=bearer(engine_key)).status_code == 200
+    # Not only /v1: every route of the engine's port but /health wants the replica's key (vLLM's own guard
+    # leaves /invocations, which generates, /tokenize, /metrics, ... open).
+    for method, path in [("POST", "/invocations"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+                         ("GET", "/metrics"), ("GET", "/version"), ("POST", "/abort_requests")]:  # fmt: skip
+        answer = httpx.request(method, f"{url}{path}", json={"model": "tiny-e2e", "prompt": "Hi", "tokens": [1]})
+        assert answer.status_code == 401, (path, answer.status_code, answer.text[:200])
+    assert httpx.get(f"{url}/health").status_code == 200
+    tokenized = httpx.post(f"{url}/tokenize", json={"model": "tiny-e2e", "prompt": "Hi"}, headers=bearer(engine_key))
+    assert tokenized.status_code == 200 and tokenized.json()["tokens"]
 
 
 def test_metrics_cover_the_router_and_every_engine(deployment, client):

@@ -15,9 +15,8 @@ import click
 
 from raylm import __version__
 from raylm.errors import RaylmError
+from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Autoscaling
 from raylm.plugins import Registry, get_registry
-from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS
-from raylm.serving.autoscaling import Autoscaling
 
 
 def echo_progress(message: str) -> None:

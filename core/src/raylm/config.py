@@ -32,8 +32,8 @@ from typing import Any
 
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
+from raylm.model_settings import Autoscaling
 from raylm.net import port_is_free
-from raylm.serving.autoscaling import Autoscaling
 
 DEFAULT_ENGINE = "vllm"
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.errors import ConfigError
+from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Autoscaling, Limits
 from raylm.names import check_name
-from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Limits
-from raylm.serving.autoscaling import Autoscaling
 
 
 def args_to_argv(engine_args: Mapping[str, Any]) -> tuple[str, ...]:

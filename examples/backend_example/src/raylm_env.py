@@ -3,8 +3,7 @@
 import os
 
 import raylm
-from raylm.errors import ClusterError
-from raylm.net import address_answers
+from raylm.toolkit import ClusterError, address_answers
 
 
 class EnvBackend(raylm.Backend):

@@ -29,7 +29,7 @@ class TestEnvBackend(BackendContract):
 
 
 def test_up_without_a_cluster_says_what_to_do(monkeypatch):
-    from raylm.errors import ClusterError
+    from raylm.toolkit import ClusterError
     from raylm_env import EnvBackend
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")

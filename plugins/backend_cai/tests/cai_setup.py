@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from raylm.testing.cli import run_raylm
-from raylm.waiting import wait_until
+from raylm.toolkit import wait_until
 from raylm_cai.applications import delete_application
 from raylm_cai.testing import DEFAULT_RUNTIME
 

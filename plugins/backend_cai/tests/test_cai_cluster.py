@@ -13,9 +13,8 @@ import psutil
 import pytest
 from cai_setup import API_KEY, RUNTIME, Console, delete_what_is_left, session_path
 
-from raylm.engine import args_to_argv
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
-from raylm.waiting import wait_until
+from raylm.toolkit import args_to_argv, wait_until
 from raylm_cai.node import cluster_folder, ray_auth_environment
 
 SIZES = ["--head-cpu", "1", "--head-memory", "3", "--worker-cpu", "2", "--worker-memory", "3"]

@@ -16,7 +16,7 @@ from ray.autoscaler.tags import (
     TAG_RAY_USER_NODE_TYPE,
 )
 
-from raylm.waiting import wait_until
+from raylm.toolkit import wait_until
 from raylm_cai.applications import NodeSize, create_node_application, head_name
 from raylm_cai.autoscaling import autoscaler_config, publish_ip
 from raylm_cai.client import CMLClient

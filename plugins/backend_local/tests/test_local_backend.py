@@ -10,10 +10,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from raylm.errors import ClusterError
-from raylm.ray_nodes import HEAD_ENVIRONMENT, SERVING_NODE_ENVIRONMENT
 from raylm.testing.contracts import BackendContract
 from raylm.testing.processes import processes_matching
+from raylm.toolkit import HEAD_ENVIRONMENT, SERVING_NODE_ENVIRONMENT, ClusterError
 from raylm_local.backend import CLUSTERS, LocalBackend
 
 

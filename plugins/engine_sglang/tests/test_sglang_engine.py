@@ -8,8 +8,8 @@ import pytest
 from sglang_setup import CPU_ARGS, CPU_ENV
 
 from raylm import ModelDeployment
-from raylm.errors import ConfigError
 from raylm.testing.contracts import EngineContract
+from raylm.toolkit import ConfigError
 from raylm_sglang.engine import SGLangEngine
 
 

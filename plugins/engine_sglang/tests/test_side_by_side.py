@@ -14,10 +14,10 @@ import pytest
 import yaml
 from sglang_setup import CPU_ARGS, CPU_ENV
 
-from raylm.net import free_port
 from raylm.testing.cli import run_raylm
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
 from raylm.testing.processes import processes_matching
+from raylm.toolkit import free_port
 from raylm_local.backend import ray_temp_dir
 
 pytestmark = pytest.mark.engine

@@ -5,10 +5,9 @@ import sys
 import pytest
 
 from raylm import ModelDeployment
-from raylm.engine import args_to_argv
-from raylm.errors import ConfigError
 from raylm.testing.contracts import EngineContract
 from raylm.testing.models import TINY_LLAMA_VLLM_ARGS
+from raylm.toolkit import ConfigError, args_to_argv
 from raylm_vllm.engine import VLLMEngine
 
 TINY_ARGS = args_to_argv(TINY_LLAMA_VLLM_ARGS)

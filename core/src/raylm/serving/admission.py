@@ -11,32 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from raylm.errors import ConfigError
+from raylm.model_settings import Limits
 
 if TYPE_CHECKING:
     from raylm.serving.routes import Upstream
-
-# The engines batch requests themselves (vLLM: up to --max-num-seqs, 256 or more on a GPU), so the
-# defaults leave batching to them and only bound what a burst can pile up.
-DEFAULT_MAX_ONGOING_REQUESTS = 256
-DEFAULT_MAX_QUEUED_REQUESTS = 1024
-
-
-@dataclass(frozen=True)
-class Limits:
-    """One model's limits: requests in flight per replica, and requests waiting for the whole model."""
-
-    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
-    max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_ongoing_requests, int) or self.max_ongoing_requests < 1:
-            raise ConfigError(f"max_ongoing_requests must be a whole number >= 1, got {self.max_ongoing_requests!r}")
-        if not isinstance(self.max_queued_requests, int) or self.max_queued_requests < 0:
-            raise ConfigError(f"max_queued_requests must be a whole number >= 0, got {self.max_queued_requests!r}")
 
 
 class Admission:

@@ -17,63 +17,9 @@ Serve counts it as a queued request and starts one at once (its scale-from-zero 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
-from raylm.errors import ConfigError
-
-LOAD_METRIC = "raylm_ongoing_requests"
-POLICY = "raylm.serving.autoscaling:follow_the_router"
-# How often replicas report, and over how long Serve averages: quicker than Serve's defaults (10 s,
-# 30 s), since an LLM replica takes minutes to start and a burst should start one soon.
-METRICS_INTERVAL_S = 2.0
-LOOK_BACK_PERIOD_S = 10.0
-# An engine's cold start takes minutes on a GPU node (loading weights, compiling graphs).
-DEFAULT_SCALE_FROM_ZERO_TIMEOUT_S = 600.0
-
-
-@dataclass(frozen=True)
-class Autoscaling:
-    """A model's replica bounds and the load one replica should carry; the delays are Serve's defaults."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 16
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 600.0
-    # With min_replicas 0: how long a request waits for the model's first replica to start.
-    scale_from_zero_timeout_s: float = DEFAULT_SCALE_FROM_ZERO_TIMEOUT_S
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.min_replicas, int) or self.min_replicas < 0:
-            raise ConfigError(f"autoscaling: min_replicas must be a whole number >= 0, got {self.min_replicas!r}")
-        if not isinstance(self.max_replicas, int) or self.max_replicas < max(1, self.min_replicas):
-            raise ConfigError(
-                f"autoscaling: max_replicas must be a whole number >= min_replicas and >= 1, got {self.max_replicas!r}"
-            )
-        if not isinstance(self.target_ongoing_requests, (int, float)) or self.target_ongoing_requests <= 0:
-            raise ConfigError(f"autoscaling: target_ongoing_requests must be > 0, got {self.target_ongoing_requests!r}")
-        for name in ("upscale_delay_s", "downscale_delay_s", "scale_from_zero_timeout_s"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise ConfigError(f"autoscaling: {name} must be >= 0 seconds, got {getattr(self, name)!r}")
-
-    @property
-    def scales_to_zero(self) -> bool:
-        return self.min_replicas == 0
-
-    def serve_config(self) -> dict[str, Any]:
-        """Serve's `autoscaling_config` for the model's deployment."""
-        return {
-            "min_replicas": self.min_replicas,
-            "initial_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-            "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s,
-            "metrics_interval_s": METRICS_INTERVAL_S,
-            "look_back_period_s": LOOK_BACK_PERIOD_S,
-            "policy": {"policy_function": POLICY},
-        }
+from raylm.model_settings import LOAD_METRIC
 
 
 def follow_the_router(ctx: Any) -> tuple[int, dict]:

@@ -131,7 +131,8 @@ async def _fetch(upstream: Upstream) -> str:
     async def get() -> str:
         reader, writer = await asyncio.open_connection(upstream.host, upstream.port)
         try:
-            writer.write(f"GET /metrics HTTP/1.0\r\nhost: {upstream.host}\r\n\r\n".encode())
+            key = f"authorization: Bearer {upstream.api_key}\r\n" if upstream.api_key else ""
+            writer.write(f"GET /metrics HTTP/1.0\r\nhost: {upstream.host}\r\n{key}\r\n".encode())
             answer = await reader.read()
         finally:
             writer.close()

@@ -18,8 +18,7 @@ import urllib.request
 from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
-from raylm.serving.admission import Limits
-from raylm.serving.autoscaling import LOAD_METRIC
+from raylm.model_settings import LOAD_METRIC, Limits
 from raylm.serving.keys import KeyFile
 from raylm.serving.router_thread import RouterThread
 from raylm.waiting import count_down

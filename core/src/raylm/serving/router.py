@@ -26,7 +26,8 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from raylm.serving.admission import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Admission, Limits
+from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Limits
+from raylm.serving.admission import Admission
 from raylm.serving.answers import Answers
 from raylm.serving.client_connection import ClientConnection, Incoming
 from raylm.serving.engine_connection import EnginePool

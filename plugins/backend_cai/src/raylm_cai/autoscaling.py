@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from raylm.state import write_atomically
+from raylm.toolkit import write_atomically
 from raylm_cai.applications import NodeSize
 
 CONFIG_FILE = "autoscaler.yaml"

@@ -20,11 +20,8 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from raylm.backend import Backend, ClusterStatus, Progress, connect_ray
-from raylm.config import ServePlan
-from raylm.errors import ClusterError, ConfigError
-from raylm.state import write_atomically
-from raylm.waiting import StateChanges, wait_until
+from raylm import Backend, ClusterStatus, ServePlan
+from raylm.toolkit import ClusterError, ConfigError, Progress, StateChanges, connect_ray, wait_until, write_atomically
 from raylm_cai import plans
 from raylm_cai.applications import (
     ENDED_STATES,

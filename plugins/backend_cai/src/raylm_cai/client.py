@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from raylm.errors import ClusterError
+from raylm.toolkit import ClusterError
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Calls to CML wait this long for an answer; a request that times out is retried like a 503.

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from raylm.cli import click_option, echo_progress
-from raylm_cai.plugin import CLUSTER_OPTIONS, CONNECTION_OPTIONS
+from raylm.toolkit import click_option, echo_progress
+from raylm_cai.options import CLUSTER_OPTIONS, CONNECTION_OPTIONS
 
 
 @click.group("cai")

@@ -21,9 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.backend import Progress
-from raylm.errors import DeploymentError
-from raylm.waiting import StateChanges, wait_until
+from raylm.toolkit import DeploymentError, Progress, StateChanges, wait_until
 from raylm_cai.client import CMLClient, CMLError
 
 JOB_SCRIPT = "raylm_cml_job.py"

@@ -14,7 +14,7 @@ import asyncio
 import json
 import threading
 
-from raylm.serving.http import error_body, raw_response
+from raylm.toolkit import error_body, raw_response
 
 DEFAULT_API_PORT = 8000
 READ_TIMEOUT_S = 10.0

@@ -41,11 +41,14 @@ from pathlib import Path
 
 import psutil
 
-from raylm.net import address_answers
-from raylm.processes import end_processes
-from raylm.ray_nodes import ray_start_command, serving_node_environment
-from raylm.state import write_atomically
-from raylm.waiting import wait_until
+from raylm.toolkit import (
+    address_answers,
+    end_processes,
+    ray_start_command,
+    serving_node_environment,
+    wait_until,
+    write_atomically,
+)
 from raylm_cai import plans
 from raylm_cai.autoscaling import BOUNDS_VARIABLE, CONFIG_FILE, publish_ip
 from raylm_cai.front import DEFAULT_API_PORT, Front

@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from raylm.config import ServePlan, plan_document
-from raylm.deployments import DEPLOYMENTS
-from raylm.state import write_atomically
+from raylm import ServePlan
+from raylm.toolkit import DEPLOYMENTS, plan_document, write_atomically
 
 
 def plans_folder(cluster_folder: Path) -> Path:

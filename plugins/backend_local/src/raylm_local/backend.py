@@ -9,13 +9,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from raylm.backend import Backend, ClusterStatus, Progress
-from raylm.errors import ClusterError
-from raylm.net import address_answers, free_ports_in
-from raylm.processes import end_processes, marked_processes
-from raylm.ray_nodes import ray_start_command, serving_node_environment
-from raylm.state import Records, raylm_home
-from raylm.waiting import wait_until
+from raylm import Backend, ClusterStatus
+from raylm.toolkit import (
+    ClusterError,
+    Progress,
+    Records,
+    address_answers,
+    end_processes,
+    free_ports_in,
+    marked_processes,
+    ray_start_command,
+    raylm_home,
+    serving_node_environment,
+    wait_until,
+)
 
 CLUSTERS = Records("clusters/local")
 # In the environment of every process of an embedded head (inherited by Ray's workers and what they

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from raylm.engine_check import check_engine_version, check_server_module, explained_import_failures, report
+from raylm.toolkit import check_engine_version, check_server_module, explained_import_failures, report
 from raylm_sglang.engine import SGLangEngine
 
 

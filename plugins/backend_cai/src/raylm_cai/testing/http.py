@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from raylm_cai.testing.wire import GRPC_CODES, APIError
 
-if TYPE_CHECKING:
-    from raylm_cai.testing.fake import FakeCML
+# FakeCML.handle(method, path below /api/v2/, query, body, API key) -> the answer's JSON
+Handle = Callable[[str, str, dict[str, str], Any, "str | None"], Any]
 
 
-def handler_for(fake: FakeCML) -> type[BaseHTTPRequestHandler]:
+def handler_for(handle: Handle) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -24,7 +25,6 @@ def handler_for(fake: FakeCML) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(length) if length else b""
             authorization = self.headers.get("authorization") or ""
             api_key = authorization[len("Bearer ") :] if authorization.startswith("Bearer ") else None
-            fake._request_key.value = api_key
             try:
                 if not parts.path.startswith("/api/v2/"):
                     raise APIError(404, f"no such endpoint: {parts.path}")
@@ -32,7 +32,7 @@ def handler_for(fake: FakeCML) -> type[BaseHTTPRequestHandler]:
                     body = json.loads(raw) if raw.strip() else None
                 except ValueError:
                     raise APIError(400, "request body is not valid JSON") from None
-                answer, status = fake.handle(self.command, parts.path[len("/api/v2/") :], query, body, api_key), 200
+                answer, status = handle(self.command, parts.path[len("/api/v2/") :], query, body, api_key), 200
             except APIError as error:
                 code = GRPC_CODES.get(error.status, 2)
                 answer = {"error": error.message, "code": code, "message": error.message, "details": []}
@@ -48,7 +48,7 @@ def handler_for(fake: FakeCML) -> type[BaseHTTPRequestHandler]:
 
         do_GET = do_POST = do_PATCH = do_DELETE = _serve
 
-        def log_message(self, *args: Any) -> None:  # requests are in `fake.requests`, not on stderr
+        def log_message(self, *args: Any) -> None:  # requests are in FakeCML.requests, not on stderr
             pass
 
     return Handler

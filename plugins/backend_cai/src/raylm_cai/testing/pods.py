@@ -13,8 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from raylm.net import free_ports_in
-from raylm.processes import end_processes, kill_processes
+from raylm.toolkit import end_processes, free_ports_in, kill_processes
 
 STOP_GRACE_S = 10.0
 # Loopback addresses handed to workloads, one per "pod", unique within this Python process.
