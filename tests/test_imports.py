@@ -83,9 +83,7 @@ def test_no_distribution_has_an_import_cycle():
     assert cycles(import_graph()) == []
 
 
-PLUGIN_FILES = sorted(
-    path for folder in ("plugins", "examples") for path in (REPO / folder).glob("*/**/*.py") if ".venv" not in path.parts
-)
+PLUGIN_FILES = sorted(path for folder in ("plugins", "examples") for path in (REPO / folder).glob("*/**/*.py"))
 OFFERED = ("raylm", "raylm.toolkit")  # and raylm.testing, for tests and test support
 
 

@@ -356,11 +356,20 @@ def test_a_killed_engine_server_leaves_nothing_and_the_deployment_keeps_answerin
     victim.kill()  # what the OOM killer does
     wait_until(lambda: not living(family), 60, lambda: f"the killed server's processes end: {living(family)} left")
 
+    def routed_replicas():
+        routed = httpx.get(f"{deployment['url']}/v1/models", headers=deployment["headers"]).json()["data"]
+        return next(m["replicas"] for m in routed if m["id"] == "tiny-e2e")
+
+    # The replica whose engine died leaves the router, and its heartbeats do not bring it back (its
+    # replacement needs far longer than a heartbeat to start its engine).
+    wait_until(lambda: routed_replicas() == 1, 15, "the dead engine's replica leaves the router")
+    for _ in range(16):
+        assert routed_replicas() == 1, "a replica whose engine died was registered again"
+        time.sleep(0.5)
+
     def replaced():
         current = engine_servers("tiny-e2e")
-        routed = httpx.get(f"{deployment['url']}/v1/models", headers=deployment["headers"]).json()["data"]
-        replicas = next(m["replicas"] for m in routed if m["id"] == "tiny-e2e")
-        return len(current) == 2 and victim.pid not in [p.pid for p in current] and replicas == 2
+        return len(current) == 2 and victim.pid not in [p.pid for p in current] and routed_replicas() == 2
 
     wait_until(replaced, 300, "Serve replaces the replica and it takes traffic")
     outcomes = traffic.stop()
