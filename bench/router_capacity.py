@@ -43,7 +43,7 @@ EVENT_MARK = b"data: "
 HAPROXY_CONFIG = """
 global
     nbthread 1
-    maxconn 20000
+    maxconn 4000
 defaults
     mode http
     timeout connect 5s
@@ -53,7 +53,7 @@ frontend front
     bind 127.0.0.1:{port}
     default_backend engine
 backend engine
-    server engine 127.0.0.1:{engine_port} maxconn 20000
+    server engine 127.0.0.1:{engine_port} maxconn 4000
 """
 
 
@@ -206,11 +206,11 @@ def main() -> None:
             front.close()
         stop(engine, signal.SIGTERM)
     print(f"\n{machine()}; {args.rounds} rounds, {args.seconds:g} s windows, streams at {1 / INTERVAL_S:g} chunks/s")
-    print(f"{'front':24}{'streams':>8}{'CPU us/chunk':>22}{'chunks/s':>22}")
+    print(f"{'front':26}{'streams':>8}{'CPU us/chunk':>22}{'chunks/s':>26}")
     table = []
     for (name, streams), values in results.items():
         per_chunk, rate = [v[0] for v in values], [v[1] for v in values]
-        print(f"{name:24}{streams:>8}{cell(per_chunk):>22}{cell(rate):>22}")
+        print(f"{name:26}{streams:>8}{cell(per_chunk):>22}{cell(rate):>26}")
         table.append({"front": name, "streams": streams, "cpu_us_per_chunk": per_chunk, "chunks_per_s": rate})
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "results": table}, indent=2))

@@ -144,6 +144,9 @@ def test_deployment_file_errors(tmp_path, tmp_home):
     assert_one_line_error(code, err, "unknown key enigne")
     code, _, err, _ = run_raylm_probed("serve", "-f", str(tmp_path / "missing.yaml"), env=tmp_home)
     assert_one_line_error(code, err, "cannot read")
+    plan.write_text("server: {read_timeout_s: -1}\nmodels:\n  - model: ./m\n")
+    code, _, err, _ = run_raylm_probed("serve", "-f", str(plan), env=tmp_home)
+    assert_one_line_error(code, err, "read_timeout_s must be a number of seconds > 0, got -1")
 
 
 def test_stop_and_status_of_an_unknown_deployment(tmp_home):

@@ -288,7 +288,7 @@ def test_a_plan_written_as_a_deployment_file_reads_back_the_same(tmp_path, monke
     )  # fmt: skip
     written = raylm.ServePlan(
         models=models, name="demo", host="0.0.0.0", port=8100, backend="cai", backend_options={"cluster": "main"},
-        api_key_file="keys", access_log=False,
+        api_key_file="keys", access_log=False, read_timeout_s=90.0,
     )  # fmt: skip
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -15,7 +15,12 @@ import click
 
 from raylm import __version__
 from raylm.errors import RaylmError
-from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Autoscaling
+from raylm.model_settings import (
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_READ_TIMEOUT_S,
+    Autoscaling,
+)
 from raylm.plugins import Registry, get_registry
 
 
@@ -116,6 +121,11 @@ def _deployment_name(model_name: str) -> str:
     "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
 )
 @click.option("--no-access-log", is_flag=True, help="No line per request in the router's log.")
+@click.option(
+    "--read-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    help=f"Seconds an engine may send nothing while it has a request (then 504) [default: {DEFAULT_READ_TIMEOUT_S:g}]",
+)
 @click.option("--detach", is_flag=True, help="Return once serving; stop later with `raylm stop NAME`.")
 @click.option("--replace", is_flag=True, help="Stop a running deployment of the same name first.")
 def serve_command(
@@ -138,6 +148,7 @@ def serve_command(
     python_path: str | None,
     env_pairs: tuple[str, ...],
     no_access_log: bool,
+    read_timeout: float | None,
     detach: bool,
     replace: bool,
     **kwargs: Any,
@@ -166,6 +177,7 @@ def serve_command(
             backend_options={**plan.backend_options, **backend_options},
             api_key_file=api_key_file or plan.api_key_file,
             access_log=plan.access_log and not no_access_log,
+            read_timeout_s=read_timeout or plan.read_timeout_s,
         )
     else:
         if not model:
@@ -197,6 +209,7 @@ def serve_command(
             backend_options=backend_options,
             api_key_file=api_key_file,
             access_log=not no_access_log,
+            read_timeout_s=read_timeout or DEFAULT_READ_TIMEOUT_S,
         )
     _interrupt_on_stop_signals()
     before = DEPLOYMENTS.load(plan.name)  # a deployment of that name that is not this one's (serve refuses it)

@@ -32,7 +32,7 @@ from typing import Any
 
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
-from raylm.model_settings import Autoscaling
+from raylm.model_settings import DEFAULT_READ_TIMEOUT_S, Autoscaling
 from raylm.net import port_is_free
 
 DEFAULT_ENGINE = "vllm"
@@ -51,6 +51,7 @@ class ServePlan:
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     api_key_file: str | None = None  # the endpoint's keys, one per line; None: the endpoint is open
     access_log: bool = True  # a line per model request in the router's log
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S  # an engine silent this long with a request: 504
 
     def __post_init__(self) -> None:
         if not DEPLOYMENT_NAME.match(self.name):
@@ -63,6 +64,8 @@ class ServePlan:
             raise ConfigError(f"two models are served as {', '.join(duplicates)}: give each a distinct `name`")
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise ConfigError(f"port must be between 1 and 65535, got {self.port!r}")
+        if not isinstance(self.read_timeout_s, (int, float)) or self.read_timeout_s <= 0:
+            raise ConfigError(f"read_timeout_s must be a number of seconds > 0, got {self.read_timeout_s!r}")
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "backend_options", dict(self.backend_options))
 
@@ -144,7 +147,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
     _reject_unknown(document, {"name", "cluster", "server", "models"}, str(path))
     server = document.get("server") or {}
     cluster = dict(document.get("cluster") or {})
-    _reject_unknown(server, {"host", "port", "api_key_file", "access_log"}, f"{path}: server")
+    _reject_unknown(server, {"host", "port", "api_key_file", "access_log", "read_timeout_s"}, f"{path}: server")
     models = document.get("models")
     if not isinstance(models, list) or not models:
         raise ConfigError(f"{path}: `models` must be a non-empty list")
@@ -166,6 +169,7 @@ def load_plan_file(path: str | Path) -> ServePlan:
         backend_options=cluster,
         api_key_file=str(path.parent / server["api_key_file"]) if server.get("api_key_file") else None,
         access_log=bool(server.get("access_log", True)),
+        read_timeout_s=server.get("read_timeout_s", DEFAULT_READ_TIMEOUT_S),
     )
 
 
@@ -193,7 +197,9 @@ def plan_document(plan: ServePlan) -> dict[str, Any]:
         if model.env:
             entry["env"] = dict(model.env)
         models.append(entry)
-    server: dict[str, Any] = {"host": plan.host, "port": plan.port, "access_log": plan.access_log}
+    server: dict[str, Any] = {
+        "host": plan.host, "port": plan.port, "access_log": plan.access_log, "read_timeout_s": plan.read_timeout_s,
+    }  # fmt: skip
     if plan.api_key_file:
         server["api_key_file"] = os.path.abspath(plan.api_key_file)
     cluster = {**({"backend": plan.backend} if plan.backend else {}), **plan.backend_options}

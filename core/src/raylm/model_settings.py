@@ -10,6 +10,10 @@ from typing import Any
 
 from raylm.errors import ConfigError
 
+# How long an engine may send nothing while it has a request before the router gives the request up
+# (504): a non-streamed answer is sent whole at its end, so this bounds the longest non-streamed
+# generation (10 minutes: thousands of tokens on a slow device).
+DEFAULT_READ_TIMEOUT_S = 600.0
 # The engines batch requests themselves (vLLM: up to --max-num-seqs, 256 or more on a GPU), so the
 # defaults leave batching to them and only bound what a burst can pile up.
 DEFAULT_MAX_ONGOING_REQUESTS = 256

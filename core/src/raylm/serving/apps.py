@@ -82,6 +82,7 @@ class RayServeApps:
             {m.name: m.limits for m in plan.models},
             plan.api_key_file,
             plan.access_log,
+            plan.read_timeout_s,
             {
                 m.name: (app_name(plan.name, m.name), m.autoscaling.scale_from_zero_timeout_s)
                 for m in plan.models

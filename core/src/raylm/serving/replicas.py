@@ -44,6 +44,7 @@ class RouterReplica:
         models: dict[str, Limits],
         api_key_file: str | None,
         access_log: bool,
+        read_timeout_s: float,
         cold_starts: dict[str, tuple[str, float]],
     ):
         """`cold_starts`: the models that scale to zero, each with its Serve app and how long a request waits
@@ -57,6 +58,7 @@ class RouterReplica:
             keys=keys,
             limits=models,
             access_log=access_log,
+            read_timeout_s=read_timeout_s,
             cold_starts={model: timeout_s for model, (_, timeout_s) in cold_starts.items()},
             start_replica=self.start_replica,
         )

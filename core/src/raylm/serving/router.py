@@ -26,7 +26,12 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 
-from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Limits
+from raylm.model_settings import (
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    DEFAULT_READ_TIMEOUT_S,
+    Limits,
+)
 from raylm.serving.admission import Admission
 from raylm.serving.answers import Answers
 from raylm.serving.client_connection import ClientConnection, Incoming
@@ -42,9 +47,6 @@ logger = logging.getLogger("raylm.router")
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 MAX_CONNECTIONS = 4096
-# How long an engine may send nothing while it has a request before the request is given up (504): a
-# non-streamed answer is sent whole at its end, so this bounds the longest non-streamed generation.
-DEFAULT_READ_TIMEOUT_S = 600.0
 WATCH_S = 1.0  # how often requests at engines are checked for stalls
 # A client's own request id is kept when it is short and plain (it lands in logs and the engine's ids).
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
