@@ -14,12 +14,13 @@ freely (`tests/test_imports.py` holds our own plugins to it).
 - network: `free_ports_in` (ports picked from a range, not by the kernel: for servers started later),
   `free_port` (the kernel's pick, for a server bound at once), `address_answers`;
 - Ray: `connect_ray`, and how raylm starts Ray nodes for serving: `ray_start_command`,
-  `serving_node_environment`, `SERVING_NODE_ENVIRONMENT`, `HEAD_ENVIRONMENT`;
+  `serving_node_environment`, `SERVING_NODE_ENVIRONMENT`, `HEAD_ENVIRONMENT`, and
+  `leave_batch_scheduling` (for threads that serve inside a replica's process);
 - engine arguments: `args_to_argv` (a deployment file's mapping as command-line options);
 - CLI: `click_option` (a backend option as a click option), `echo_progress`;
 - HTTP: `error_body` (OpenAI's error shape), `raw_response`;
 - engine checks (a plugin's check module, run in the engine's environment): `check_engine_version`,
-  `check_server_module`, `explained_import_failures`, `report`;
+  `check_server_module`, `explained_import_failures`, `report`, `refuse`;
 - deployment files: `plan_document`.
 """
 
@@ -28,11 +29,17 @@ from raylm.cli import click_option, echo_progress
 from raylm.config import plan_document
 from raylm.deployments import DEPLOYMENTS
 from raylm.engine import args_to_argv
-from raylm.engine_check import check_engine_version, check_server_module, explained_import_failures, report
+from raylm.engine_check import check_engine_version, check_server_module, explained_import_failures, refuse, report
 from raylm.errors import ClusterError, ConfigError, DeploymentError
 from raylm.net import address_answers, free_port, free_ports_in
 from raylm.processes import end_processes, kill_processes, marked_processes
-from raylm.ray_nodes import HEAD_ENVIRONMENT, SERVING_NODE_ENVIRONMENT, ray_start_command, serving_node_environment
+from raylm.ray_nodes import (
+    HEAD_ENVIRONMENT,
+    SERVING_NODE_ENVIRONMENT,
+    leave_batch_scheduling,
+    ray_start_command,
+    serving_node_environment,
+)
 from raylm.serving.http import error_body, raw_response
 from raylm.state import Records, raylm_home, write_atomically
 from raylm.waiting import StateChanges, wait_until
@@ -60,11 +67,13 @@ __all__ = [
     "free_port",
     "free_ports_in",
     "kill_processes",
+    "leave_batch_scheduling",
     "marked_processes",
     "plan_document",
     "ray_start_command",
     "raw_response",
     "raylm_home",
+    "refuse",
     "report",
     "serving_node_environment",
     "wait_until",
