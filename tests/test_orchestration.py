@@ -17,7 +17,7 @@ import raylm
 from raylm.config import load_plan_file, plan_document
 from raylm.deployments import DEPLOYMENTS
 from raylm.errors import ConfigError, DeploymentError
-from raylm.model_settings import Autoscaling
+from raylm.model_settings import Autoscaling, Routing
 from raylm.net import free_port
 
 CALLS = []
@@ -213,6 +213,13 @@ def test_two_starts_of_one_name_at_once_the_second_is_refused_and_touches_nothin
     assert DEPLOYMENTS.names() == ["orch"]
 
 
+def test_precise_routing_needs_an_engine_that_publishes_its_cache_events(registry):
+    precise = raylm.ModelDeployment(model="m", name="small", engine="checked", routing=Routing("precise"))
+    with pytest.raises(ConfigError, match="routing 'precise' needs an engine that publishes its KV-cache events"):
+        serve(registry, plan("orch", precise))
+    assert CALLS == []  # refused before anything started
+
+
 def test_a_bad_engine_argument_deploys_no_model_and_stops_what_started_meanwhile(registry):
     bad = raylm.ModelDeployment(model="m", name="small", engine="checked", engine_args=("--bad",))
     with pytest.raises(ConfigError, match="rejected the arguments: --bad"):
@@ -283,7 +290,8 @@ def test_a_plan_written_as_a_deployment_file_reads_back_the_same(tmp_path, monke
             python="/opt/venv/bin/python", env={"VLLM_LOGGING_LEVEL": "WARNING"}, max_queued_requests=7,
         ),
         raylm.ModelDeployment(
-            model="org/hub-model", name="hub", engine="sglang", autoscaling=Autoscaling(min_replicas=0, max_replicas=3)
+            model="org/hub-model", name="hub", engine="sglang", autoscaling=Autoscaling(min_replicas=0, max_replicas=3),
+            routing=Routing("approximate", prefix_weight=5, load_weight=1.5),
         ),
     )  # fmt: skip
     written = raylm.ServePlan(

@@ -181,6 +181,11 @@ def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
         check_model_path(model.model)
         if os.path.exists(model.model):  # replicas do not run in this folder
             model = dataclasses.replace(model, model=os.path.abspath(model.model))
+        if model.routing.needs_engine_events and spec.engine_class.kv_events_follower is None:
+            raise ConfigError(
+                f"model {model.name!r}: routing {model.routing.policy!r} needs an engine that publishes its KV-cache "
+                f"events, and {spec.name} does not: use 'approximate'"
+            )
         engines.append(spec.engine_class(model))
     return engines
 

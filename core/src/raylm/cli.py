@@ -19,7 +19,9 @@ from raylm.model_settings import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_READ_TIMEOUT_S,
+    ROUTING_POLICIES,
     Autoscaling,
+    Routing,
 )
 from raylm.plugins import Registry, get_registry
 
@@ -120,6 +122,12 @@ def _deployment_name(model_name: str) -> str:
 @click.option(
     "--env", "env_pairs", multiple=True, metavar="KEY=VALUE", help="Environment of the replicas (repeatable)."
 )
+@click.option(
+    "--routing",
+    type=click.Choice(ROUTING_POLICIES),
+    help="How the router picks a replica: by load, or by the prompt prefix each replica holds (approximate: "
+    "from what it sent where; precise: from the engine's own KV-cache events) [default: least-in-flight]",
+)
 @click.option("--no-access-log", is_flag=True, help="No line per request in the router's log.")
 @click.option(
     "--read-timeout",
@@ -147,6 +155,7 @@ def serve_command(
     api_key_file: str | None,
     python_path: str | None,
     env_pairs: tuple[str, ...],
+    routing: str | None,
     no_access_log: bool,
     read_timeout: float | None,
     detach: bool,
@@ -179,6 +188,11 @@ def serve_command(
             access_log=plan.access_log and not no_access_log,
             read_timeout_s=read_timeout or plan.read_timeout_s,
         )
+        if routing:
+            models = tuple(
+                dataclasses.replace(m, routing=dataclasses.replace(m.routing, policy=routing)) for m in plan.models
+            )
+            plan = dataclasses.replace(plan, models=models)
     else:
         if not model:
             raise click.UsageError("name a MODEL to serve, or a deployment file with -f")
@@ -199,6 +213,7 @@ def serve_command(
             max_queued_requests=max_queued_requests,
             python=python_path,
             env=_parse_env(env_pairs),
+            routing=Routing(policy=routing or Routing.policy),
         )
         plan = ServePlan(
             models=(deployment,),

@@ -32,7 +32,7 @@ from typing import Any
 
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
-from raylm.model_settings import DEFAULT_READ_TIMEOUT_S, Autoscaling
+from raylm.model_settings import DEFAULT_READ_TIMEOUT_S, Autoscaling, Routing
 from raylm.net import port_is_free
 
 DEFAULT_ENGINE = "vllm"
@@ -94,7 +94,7 @@ def check_port_free(host: str, port: int) -> None:
 def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
     allowed = {
         "model", "name", "engine", "replicas", "engine_args", "python", "env", "max_ongoing_requests",
-        "max_queued_requests", "autoscaling",
+        "max_queued_requests", "autoscaling", "routing",
     }  # fmt: skip
     _reject_unknown(entry, allowed, where)
     if "model" not in entry:
@@ -118,6 +118,16 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
             autoscaling = Autoscaling(**autoscaling)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    routing = entry.get("routing", "least-in-flight")
+    if isinstance(routing, str):
+        routing = {"policy": routing}
+    if not isinstance(routing, Mapping):
+        raise ConfigError(f"{where}: routing must be a policy's name or a mapping (policy, prefix_weight, load_weight)")
+    _reject_unknown(routing, {f.name for f in dataclasses.fields(Routing)}, f"{where}: routing")
+    try:
+        routing = Routing(**routing)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     return ModelDeployment(
         model=model,
         name=str(entry.get("name") or default_model_name(model)),
@@ -128,6 +138,7 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
         env={str(k): str(v) for k, v in (entry.get("env") or {}).items()},
         **{key: entry[key] for key in ("max_ongoing_requests", "max_queued_requests") if key in entry},
         autoscaling=autoscaling,
+        routing=routing,
     )
 
 
@@ -187,6 +198,7 @@ def plan_document(plan: ServePlan) -> dict[str, Any]:
             "engine_args": list(model.engine_args),
             "max_ongoing_requests": model.max_ongoing_requests,
             "max_queued_requests": model.max_queued_requests,
+            "routing": dataclasses.asdict(model.routing),
         }
         if model.autoscaling is None:
             entry["replicas"] = model.replicas

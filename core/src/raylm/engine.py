@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raylm.errors import ConfigError
-from raylm.model_settings import DEFAULT_MAX_ONGOING_REQUESTS, DEFAULT_MAX_QUEUED_REQUESTS, Autoscaling, Limits
+from raylm.model_settings import (
+    DEFAULT_MAX_ONGOING_REQUESTS,
+    DEFAULT_MAX_QUEUED_REQUESTS,
+    Autoscaling,
+    Limits,
+    Routing,
+)
 from raylm.names import check_name
 
 
@@ -60,6 +66,8 @@ class ModelDeployment:
     max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS
     # Replicas between bounds, following the load (then `replicas` is not used).
     autoscaling: Autoscaling | None = None
+    # How the router picks one of its replicas for a request.
+    routing: Routing = Routing()
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -128,6 +136,12 @@ class Engine(ABC):
     # True when the engine's server can be told to require a key: the replica then sets `api_key` before
     # `start`, the router sends that key with every request, and nothing else reaches the engine's routes.
     takes_api_key: bool = False
+    # How the router follows the KV-cache events the engine publishes, if it can (the `precise` routing
+    # policy needs them): "module:function", `follow(url, deliver, stopping)`, run by the router on a
+    # thread of its own for each replica (see `raylm.serving.kv_events`).
+    kv_events_follower: str | None = None
+    # Set by `start` when the engine publishes its events: where the router follows them.
+    kv_events_url: str | None = None
 
     def __init__(self, deployment: ModelDeployment):
         self.deployment = deployment

@@ -87,3 +87,28 @@ class Autoscaling:
             "look_back_period_s": LOOK_BACK_PERIOD_S,
             "policy": {"policy_function": POLICY},
         }
+
+
+ROUTING_POLICIES = ("least-in-flight", "approximate", "precise")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How the router picks a model's replica (`raylm.serving.policy` has what each policy does): the
+    policy, and for the prefix-aware ones how much the prefix a replica holds counts against its load."""
+
+    policy: str = "least-in-flight"
+    prefix_weight: float = 3.0
+    load_weight: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.policy not in ROUTING_POLICIES:
+            raise ConfigError(f"unknown routing policy {self.policy!r}; choose one of {', '.join(ROUTING_POLICIES)}")
+        for name in ("prefix_weight", "load_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                raise ConfigError(f"routing: {name} must be a number from 0 to 100, got {value!r}")
+
+    @property
+    def needs_engine_events(self) -> bool:
+        return self.policy == "precise"

@@ -23,6 +23,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 # port, and since engines listen with SO_REUSEPORT (vLLM does), both bound it and the kernel split
 # the connections between them.
 ENGINE_SERVER_PORTS = range(25000, 30000)
+# Where engines publish their KV-cache events (the precise routing policy follows them): the next range,
+# still below the ephemeral one.
+KV_EVENTS_PORTS = range(30000, 32700)
 
 
 def other_listeners(host: str, port: int, ours: set[int]) -> set[int]:

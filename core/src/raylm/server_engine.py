@@ -192,11 +192,15 @@ class ServerEngine(Engine):
             return {}, []
         return {self.api_key_env: self.api_key}, []
 
+    def extra_arguments(self, host: str) -> list[str]:
+        """Arguments of the engine's server that raylm adds for this replica (called once, by `start`)."""
+        return []
+
     async def start(self, host: str) -> str:
         (port,) = free_ports_in(ENGINE_SERVER_PORTS, host=host)
         name = f"{self.display_name.lower()}:{self.deployment.name}"
         env, arguments = self.key_settings()
-        command = [*self.server_command(host, port), *arguments]
+        command = [*self.server_command(host, port), *arguments, *self.extra_arguments(host)]
         self.server = ServerProcess(name, command, env={**self.deployment.env, **env})
         self.server.start()
         self.url = f"http://{host}:{port}"

@@ -19,6 +19,8 @@ freely (`tests/test_imports.py` holds our own plugins to it).
 - engine arguments: `args_to_argv` (a deployment file's mapping as command-line options);
 - CLI: `click_option` (a backend option as a click option), `echo_progress`;
 - HTTP: `error_body` (OpenAI's error shape), `raw_response`;
+- KV-cache events, for an engine whose router follows them (`Engine.kv_events_follower`): `Stored`,
+  `Removed`, `Cleared` (what a follower delivers), `KV_EVENTS_PORTS` (where engines publish them);
 - engine checks (a plugin's check module, run in the engine's environment): `check_engine_version`,
   `check_server_module`, `explained_import_failures`, `report`, `refuse`;
 - deployment files: `plan_document`.
@@ -31,7 +33,7 @@ from raylm.deployments import DEPLOYMENTS
 from raylm.engine import args_to_argv
 from raylm.engine_check import check_engine_version, check_server_module, explained_import_failures, refuse, report
 from raylm.errors import ClusterError, ConfigError, DeploymentError
-from raylm.net import address_answers, free_port, free_ports_in
+from raylm.net import KV_EVENTS_PORTS, address_answers, free_port, free_ports_in
 from raylm.processes import end_processes, kill_processes, marked_processes
 from raylm.ray_nodes import (
     HEAD_ENVIRONMENT,
@@ -41,11 +43,16 @@ from raylm.ray_nodes import (
     serving_node_environment,
 )
 from raylm.serving.http import error_body, raw_response
+from raylm.serving.prefix_index import Cleared, Removed, Stored
 from raylm.state import Records, raylm_home, write_atomically
 from raylm.waiting import StateChanges, wait_until
 
 __all__ = [
     "DEPLOYMENTS",
+    "KV_EVENTS_PORTS",
+    "Cleared",
+    "Removed",
+    "Stored",
     "HEAD_ENVIRONMENT",
     "SERVING_NODE_ENVIRONMENT",
     "ClusterError",

@@ -83,6 +83,7 @@ class RayServeApps:
             plan.api_key_file,
             plan.access_log,
             plan.read_timeout_s,
+            {m.name: (m.routing, m.model) for m in plan.models},
             {
                 m.name: (app_name(plan.name, m.name), m.autoscaling.scale_from_zero_timeout_s)
                 for m in plan.models

@@ -60,6 +60,10 @@ class RouterMetrics:
             "raylm_rejected_requests", "Requests refused because the model was at capacity (429)", ["model"],
             registry=self.registry,
         )  # fmt: skip
+        self.decisions = Counter(
+            "raylm_routing_decisions", "Replicas chosen, by model, routing policy and reason (prefix, spilled, load)",
+            ["model", "policy", "reason"], registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_InFlight(table, admission))
 
     def answered(self, model: str, route: str, status: int, first_byte_s: float | None, total_s: float) -> None:

@@ -18,8 +18,9 @@ import urllib.request
 from ray import serve
 
 from raylm.engine import Engine, ModelDeployment
-from raylm.model_settings import LOAD_METRIC, Limits
+from raylm.model_settings import LOAD_METRIC, Limits, Routing
 from raylm.serving.keys import KeyFile
+from raylm.serving.policy import make_policy
 from raylm.serving.router_thread import RouterThread
 from raylm.waiting import count_down
 
@@ -45,10 +46,12 @@ class RouterReplica:
         api_key_file: str | None,
         access_log: bool,
         read_timeout_s: float,
+        routing: dict[str, tuple[Routing, str]],
         cold_starts: dict[str, tuple[str, float]],
     ):
-        """`cold_starts`: the models that scale to zero, each with its Serve app and how long a request waits
-        for its first replica."""
+        """`routing`: each model's routing settings and where its tokenizer is (the model's path); `cold_starts`:
+        the models that scale to zero, each with its Serve app and how long a request waits for its first
+        replica."""
         _log_where_serve_logs()
         keys = KeyFile(api_key_file) if api_key_file else None
         self.cold_starts = cold_starts
@@ -59,6 +62,7 @@ class RouterReplica:
             limits=models,
             access_log=access_log,
             read_timeout_s=read_timeout_s,
+            policies={model: make_policy(settings, path) for model, (settings, path) in routing.items()},
             cold_starts={model: timeout_s for model, (_, timeout_s) in cold_starts.items()},
             start_replica=self.start_replica,
         )
@@ -74,8 +78,11 @@ class RouterReplica:
         app, timeout_s = self.cold_starts[model]
         serve.get_deployment_handle("Model", app_name=app).wake.remote().result(timeout_s=timeout_s)
 
-    def register(self, model: str, url: str, replica_id: str, card: dict | None, api_key: str | None) -> None:
-        self.router.call(self.router.table.register, model, url, replica_id, card, api_key)
+    def register(
+        self, model: str, url: str, replica_id: str, card: dict | None, api_key: str | None,
+        kv_events: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
+        self.router.call(self.router.table.register, model, url, replica_id, card, api_key, kv_events)
 
     def deregister(self, replica_id: str) -> None:
         self.router.call(self.router.table.deregister, replica_id)
@@ -135,9 +142,11 @@ class ModelReplica:
         self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _register(self) -> None:
+        events = self.engine.kv_events_url
         await self.router.register.remote(
-            self.deployment.name, self.url, self.replica_id, self.card, self.engine.api_key
-        )
+            self.deployment.name, self.url, self.replica_id, self.card, self.engine.api_key,
+            (events, self.engine.kv_events_follower) if events else None,
+        )  # fmt: skip
 
     async def _heartbeat(self) -> None:
         while True:

@@ -30,7 +30,9 @@ from raylm.model_settings import (
     DEFAULT_MAX_ONGOING_REQUESTS,
     DEFAULT_MAX_QUEUED_REQUESTS,
     DEFAULT_READ_TIMEOUT_S,
+    ROUTING_POLICIES,
     Limits,
+    Routing,
 )
 from raylm.serving.admission import Admission
 from raylm.serving.answers import Answers
@@ -39,8 +41,9 @@ from raylm.serving.engine_connection import EnginePool
 from raylm.serving.exchange import Exchange, State
 from raylm.serving.http import error_body
 from raylm.serving.keys import KeyFile
+from raylm.serving.kv_events import EventFeeds
 from raylm.serving.metrics import CONTENT_TYPE, RouterMetrics, engine_metrics
-from raylm.serving.policy import LeastInFlight, RoutingPolicy
+from raylm.serving.policy import LeastInFlight, RoutingPolicy, make_policy
 from raylm.serving.routes import RouteTable, Upstream
 
 logger = logging.getLogger("raylm.router")
@@ -67,7 +70,7 @@ class Router:
     def __init__(
         self,
         table: RouteTable,
-        policy: RoutingPolicy | None = None,
+        policies: Mapping[str, RoutingPolicy] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         metrics: bool = True,
         keys: KeyFile | None = None,
@@ -78,11 +81,12 @@ class Router:
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     ):
         self.table = table
-        self.policy = policy or LeastInFlight()
+        self.policies = dict(policies or {})  # by model; least-in-flight for a model without one
         self.admission = Admission(limits)
         table.on_change = self.admission.replicas_changed
         self.pool = EnginePool(lambda: self.loop)
-        table.on_removed = self.pool.close
+        self.feeds = EventFeeds(lambda: self.loop)
+        table.on_added, table.on_removed = self.replica_added, self.replica_removed
         self.active: set[Exchange] = set()  # exchanges holding a lease on a replica
         self.read_timeout_s = read_timeout_s
         # Models that may have no replica (scaled to zero), and how long a request waits for one to start;
@@ -132,6 +136,7 @@ class Router:
         if self.answers is not None:
             self.answers.flush()
         self.pool.close_all()
+        self.feeds.stop_all()
 
     async def watch_engines(self) -> None:
         """Give up requests whose engine has sent nothing for the read timeout (one check for all of them,
@@ -249,7 +254,11 @@ class Router:
             return
         room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
         if room:
-            exchange.forward(self.policy.choose(room, exchange.payload))
+            policy = self.policy_of(model)
+            upstream, reason = policy.choose(room, exchange.payload)
+            if self.metrics is not None:
+                self.metrics.decisions.labels(model, policy.name, reason).inc()
+            exchange.forward(upstream)
             return
         resume = lambda: self.admit(exchange, woken=True)  # noqa: E731
         if not self.admission.wait(model, resume, first=woken):
@@ -265,6 +274,23 @@ class Router:
         exchange.queued = resume
         if not replicas:
             self.wait_for_cold_start(exchange)
+
+    def replica_added(self, upstream: Upstream) -> None:
+        """A replica whose engine publishes its KV-cache events: followed, when its model routes precisely."""
+        policy = self.policy_of(upstream.model)
+        if upstream.kv_events is not None and policy.follows_events:
+            self.feeds.follow(upstream.replica_id, *upstream.kv_events, policy.index)
+
+    def replica_removed(self, upstream: Upstream) -> None:
+        self.pool.close(upstream)
+        self.feeds.stop(upstream.replica_id)
+        self.policy_of(upstream.model).forget(upstream.replica_id)
+
+    def policy_of(self, model: str) -> RoutingPolicy:
+        policy = self.policies.get(model)
+        if policy is None:
+            policy = self.policies[model] = LeastInFlight()
+        return policy
 
     def leave_queue(self, exchange: Exchange) -> None:
         self.admission.leave(exchange.model, exchange.queued)
@@ -363,16 +389,22 @@ def parse_upstream(text: str) -> tuple[str, str]:
 
 
 async def _serve_forever(args: argparse.Namespace) -> None:
-    table = RouteTable(expected_models=[m for m, _ in args.upstream])
-    for index, (model, url) in enumerate(args.upstream):
-        table.register(model, url, replica_id=f"static-{index}")
+    models = sorted({model for model, _ in args.upstream})
+    table = RouteTable(expected_models=models)
     keys = KeyFile(args.api_key_file) if args.api_key_file else None
-    limits = {model: Limits(args.max_ongoing_requests, args.max_queued_requests) for model, _ in args.upstream}
+    limits = {model: Limits(args.max_ongoing_requests, args.max_queued_requests) for model in models}
+    routing = Routing(args.routing)
+    policies = {model: make_policy(routing, args.tokenizer) for model in models}
     router = Router(
         table, metrics=not args.no_metrics, keys=keys, limits=limits, access_log=not args.no_access_log,
-        read_timeout_s=args.read_timeout,
+        read_timeout_s=args.read_timeout, policies=policies,
     )  # fmt: skip
     await router.start(args.host, args.port)
+    events = args.kv_events or [None] * len(args.upstream)
+    for index, ((model, url), kv_events) in enumerate(zip(args.upstream, events)):
+        table.register(
+            model, url, f"static-{index}", kv_events=(kv_events, args.kv_events_follower) if kv_events else None
+        )
     logger.info("routing on http://%s:%d", args.host, args.port)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -401,7 +433,20 @@ def main(argv: list[str] | None = None) -> None:
         "--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT_S,
         help="seconds an engine may send nothing while it has a request (then 504)",
     )  # fmt: skip
+    parser.add_argument("--routing", choices=ROUTING_POLICIES, default="least-in-flight", help="the routing policy")
+    parser.add_argument("--tokenizer", help="precise routing: the model's folder (its tokenizer and chat template)")
+    parser.add_argument(
+        "--kv-events", action="append", metavar="URL",
+        help="precise routing: where each upstream's engine publishes its KV-cache events (repeatable, in order)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kv-events-follower", metavar="MODULE:FUNCTION", help="precise routing: the engine's events follower"
+    )
     args = parser.parse_args(argv)
+    if args.routing == "precise" and not (args.tokenizer and args.kv_events and args.kv_events_follower):
+        parser.error("--routing precise needs --tokenizer, --kv-events for each upstream and --kv-events-follower")
+    if args.kv_events and len(args.kv_events) != len(args.upstream):
+        parser.error("give one --kv-events per --upstream, in the same order")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     run(_serve_forever(args))
 

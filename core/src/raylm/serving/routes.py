@@ -20,6 +20,7 @@ class Upstream:
     port: int
     replica_id: str
     api_key: str | None = None  # the key its engine server requires (each replica has its own)
+    kv_events: tuple[str, str] | None = None  # (url, follower) of its engine's KV-cache events, if published
     in_flight: int = 0
     retiring: bool = False  # going away: finishes its requests, is given no new ones
     last_seen: float = field(default_factory=time.monotonic)
@@ -56,12 +57,14 @@ class RouteTable:
         self.cards: dict[str, dict] = {}
         # Told the model whose replicas came or went (the router's queues wake who can go now).
         self.on_change: Callable[[str, list[Upstream]], None] = lambda model, replicas: None
-        # Told of a replica that left the table (the router closes its idle engine connections).
+        # Told of a replica that joined or left the table (the router follows its events, closes its connections).
+        self.on_added: Callable[[Upstream], None] = lambda upstream: None
         self.on_removed: Callable[[Upstream], None] = lambda upstream: None
 
     def register(
-        self, model: str, url: str, replica_id: str, card: dict | None = None, api_key: str | None = None
-    ) -> None:
+        self, model: str, url: str, replica_id: str, card: dict | None = None, api_key: str | None = None,
+        kv_events: tuple[str, str] | None = None,
+    ) -> None:  # fmt: skip
         """Add a replica, or refresh it (replicas re-register as a heartbeat)."""
         parts = urlsplit(url)
         replicas = self.upstreams.setdefault(model, [])
@@ -72,8 +75,11 @@ class RouteTable:
                     break
                 self._remove(replicas, upstream)
         else:
-            replicas.append(Upstream(model, parts.hostname or "127.0.0.1", parts.port or 80, replica_id, api_key))
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            upstream = Upstream(model, host, port, replica_id, api_key, tuple(kv_events) if kv_events else None)
+            replicas.append(upstream)
             logger.info("model %s: replica %s at %s", model, replica_id, url)
+            self.on_added(upstream)
             self.on_change(model, replicas)
         if card:
             self.cards[model] = card
