@@ -202,6 +202,8 @@ def test_the_router_sends_a_tenant_to_the_replica_that_has_its_prefix():
                 took = (one.stats.begun - begun[0], two.stats.begun - begun[1])
                 assert sorted(took) == [0, 3], f"tenant {name}'s requests went to both replicas: {took}"
             assert decisions(router) == {("approximate", "load"): 4, ("approximate", "prefix"): 8}
+            (card,) = httpx.get(f"{router.url}/v1/models").json()["data"]
+            assert card["routing"] == "approximate"
 
 
 def test_text_prefixes_differ_by_model_and_ignore_short_prompts():

@@ -114,7 +114,7 @@ class Router:
             self.routes[(method, "/")] = lambda client, request: client.respond(request, 200, {"status": "ok"})
             self.routes[(method, "/ready")] = self.ready
             self.routes[(method, "/v1/models")] = lambda client, request: client.respond(
-                request, 200, self.table.models_payload()
+                request, 200, self.models_payload()
             )
             self.routes[(method, "/metrics")] = lambda client, request: self.loop.create_task(
                 self.serve_metrics(client, request)
@@ -192,11 +192,18 @@ class Router:
             client.respond(request, 200, payload)
 
     def model_card(self, client: ClientConnection, request: Incoming, name: str) -> None:
-        card = next((c for c in self.table.models_payload()["data"] if c["id"] == name), None)
+        card = next((c for c in self.models_payload()["data"] if c["id"] == name), None)
         if card is None:
             client.respond(request, 404, self.unknown_model(name))
         else:
             client.respond(request, 200, card)
+
+    def models_payload(self) -> dict:
+        """`/v1/models`: the route table's cards, each with its routing policy (raylm's addition)."""
+        payload = self.table.models_payload()
+        for card in payload["data"]:
+            card["routing"] = self.policy_of(card["id"]).name
+        return payload
 
     def unknown_model(self, model: str) -> dict:
         served = ", ".join(self.table.model_names()) or "none"
