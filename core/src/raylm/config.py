@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from raylm.engine import ModelDeployment, args_to_argv
 from raylm.errors import ConfigError
@@ -37,6 +37,8 @@ from raylm.net import port_is_free
 
 DEFAULT_ENGINE = "vllm"
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -111,23 +113,9 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
     if autoscaling is not None:
         if "replicas" in entry:
             raise ConfigError(f"{where}: give `replicas` or `autoscaling`, not both")
-        if not isinstance(autoscaling, Mapping):
-            raise ConfigError(f"{where}: autoscaling must be a mapping (min_replicas, max_replicas, ...)")
-        _reject_unknown(autoscaling, {f.name for f in dataclasses.fields(Autoscaling)}, f"{where}: autoscaling")
-        try:
-            autoscaling = Autoscaling(**autoscaling)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-    routing = entry.get("routing", "least-in-flight")
-    if isinstance(routing, str):
-        routing = {"policy": routing}
-    if not isinstance(routing, Mapping):
-        raise ConfigError(f"{where}: routing must be a policy's name or a mapping (policy, prefix_weight, load_weight)")
-    _reject_unknown(routing, {f.name for f in dataclasses.fields(Routing)}, f"{where}: routing")
-    try:
-        routing = Routing(**routing)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        autoscaling = _settings(Autoscaling, autoscaling, where, "autoscaling")
+    routing = entry.get("routing", Routing.policy)
+    routing = _settings(Routing, {"policy": routing} if isinstance(routing, str) else routing, where, "routing")
     return ModelDeployment(
         model=model,
         name=str(entry.get("name") or default_model_name(model)),
@@ -216,6 +204,18 @@ def plan_document(plan: ServePlan) -> dict[str, Any]:
         server["api_key_file"] = os.path.abspath(plan.api_key_file)
     cluster = {**({"backend": plan.backend} if plan.backend else {}), **plan.backend_options}
     return {"name": plan.name, "cluster": cluster, "server": server, "models": models}
+
+
+def _settings(kind: type[T], value: Any, where: str, key: str) -> T:
+    """Settings (a dataclass that checks itself) from the mapping of its fields under `key`; errors say where."""
+    fields = [field.name for field in dataclasses.fields(kind)]
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: {key} must be a mapping of {', '.join(fields)}")
+    _reject_unknown(value, set(fields), f"{where}: {key}")
+    try:
+        return kind(**value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _reject_unknown(entry: Mapping[str, Any], allowed: set[str], where: str) -> None:
