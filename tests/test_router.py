@@ -535,7 +535,7 @@ def soon(condition, what):
 def stream_taken(pool, router, model, chunks):
     """A slow stream sent from `pool`, returned once the router has taken it."""
     future = pool.submit(post, router, {"model": model, "stream": True, "chunks": chunks, "delay": 0.2})
-    soon(lambda: router.call(router.router.unfinished) == 1, "the stream is taken")
+    soon(lambda: router.unfinished() == 1, "the stream is taken")
     return future
 
 
@@ -552,7 +552,7 @@ def test_a_draining_router_finishes_what_it_took_and_refuses_the_rest(router):
         assert refused.headers["retry-after"] == "1"
         assert httpx.get(f"{router.url}/ready").json() == {"status": "draining"}
         assert taken.result(timeout=10).text.endswith("data: [DONE]\n\n"), "the stream taken before ends whole"
-    assert router.call(router.router.unfinished) == 0
+    assert router.unfinished() == 0
 
 
 def test_a_retiring_replica_finishes_its_requests_and_gets_no_new_ones(router):
@@ -635,4 +635,4 @@ def test_a_model_whose_first_replica_does_not_start_in_time_gets_503_with_retry_
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "model_starting"
         assert "did not start in 1s" in refused.json()["error"]["message"]
-        assert router.call(router.router.unfinished) == 0, "nothing left waiting"
+        assert router.unfinished() == 0, "nothing left waiting"

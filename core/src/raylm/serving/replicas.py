@@ -82,22 +82,22 @@ class RouterReplica:
         self, model: str, url: str, replica_id: str, card: dict | None, api_key: str | None,
         kv_events: tuple[str, str] | None = None,
     ) -> None:  # fmt: skip
-        self.router.call(self.router.table.register, model, url, replica_id, card, api_key, kv_events)
+        self.router.register(model, url, replica_id, card, api_key, kv_events)
 
     def deregister(self, replica_id: str) -> None:
-        self.router.call(self.router.table.deregister, replica_id)
+        self.router.deregister(replica_id)
 
     def retire(self, replica_id: str) -> int:
-        return self.router.call(self.router.router.retire, replica_id)
+        return self.router.retire(replica_id)
 
     def load(self, model: str, replica_id: str) -> float:
-        return self.router.call(self.router.router.load, model, replica_id)
+        return self.router.load(model, replica_id)
 
     async def drain(self, timeout_s: float) -> int:
         """Take no new requests; return once those taken are answered, or after `timeout_s` with how many
         are not."""
-        await asyncio.to_thread(self.router.call, self.router.router.start_draining)
-        return await count_down(lambda: asyncio.to_thread(self.router.call, self.router.router.unfinished), timeout_s)
+        await asyncio.to_thread(self.router.start_draining)
+        return await count_down(lambda: asyncio.to_thread(self.router.unfinished), timeout_s)
 
     def check_health(self) -> None:
         if not self.router.is_alive():

@@ -59,6 +59,26 @@ class RouterThread:
 
         return asyncio.run_coroutine_threadsafe(on_loop(), self.loop).result(timeout=10)
 
+    # The router's front for its replicas (`raylm.serving.replicas`): each call runs on the router's loop.
+    def register(self, *registration: Any) -> None:
+        """A replica joins, or beats: see `RouteTable.register`."""
+        self.call(self.table.register, *registration)
+
+    def deregister(self, replica_id: str) -> None:
+        self.call(self.table.deregister, replica_id)
+
+    def retire(self, replica_id: str) -> int:
+        return self.call(self.router.retire, replica_id)
+
+    def load(self, model: str, replica_id: str) -> float:
+        return self.call(self.router.load, model, replica_id)
+
+    def start_draining(self) -> int:
+        return self.call(self.router.start_draining)
+
+    def unfinished(self) -> int:
+        return self.call(self.router.unfinished)
+
     def is_alive(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
 
