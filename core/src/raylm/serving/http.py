@@ -6,8 +6,6 @@ import json
 from collections.abc import Sequence
 from http import HTTPStatus
 
-import httptools
-
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Headers that describe one connection, not the request; the router sets its own framing.
 HOP_BY_HOP = {
@@ -69,6 +67,8 @@ class BodyReader:
 
 def response_body(response: bytes) -> bytes:
     """The body of a whole raw HTTP response, its transfer encoding undone."""
+    import httptools  # here, not at import: plugins use this module's helpers where httptools is not installed
+
     reader = BodyReader()
     httptools.HttpResponseParser(reader).feed_data(response)
     return bytes(reader.body)
