@@ -78,12 +78,6 @@ def json_body(payload: dict) -> bytes:
     return json.dumps(payload).encode()
 
 
-def http_response(
-    status: int, payload: dict, keep_alive: bool = True, headers: Sequence[tuple[str, str]] = ()
-) -> bytes:
-    return raw_response(status, "application/json", json_body(payload), keep_alive, headers)
-
-
 def raw_response(
     status: int, content_type: str, body: bytes, keep_alive: bool = True, headers: Sequence[tuple[str, str]] = ()
 ) -> bytes:
