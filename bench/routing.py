@@ -69,7 +69,7 @@ class Engines:
             config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{events_port}"}
             command = [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--served-model-name", MODEL, "--port", str(port), "--max-model-len", "2048",
+                "--served-model-name", MODEL, "--port", str(port), "--max-model-len", "1024",
                 "--kv-cache-memory-bytes", str(kv_cache_bytes), "--block-size", str(block_size),
                 "--enable-prefix-caching", "--kv-events-config", json.dumps(config),
             ]  # fmt: skip
