@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from endpoint import REPO, cell  # noqa: E402
 from servers import machine, start, stop  # noqa: E402
 
-from raylm.net import free_port, http_ok  # noqa: E402
+from raylm.net import address_answers, free_port  # noqa: E402
 from raylm.waiting import wait_until  # noqa: E402
 
 INTERVAL_S = 0.02  # 50 chunks/s per stream
@@ -72,18 +72,9 @@ class Front:
 
     def wait_ready(self) -> None:
         wait_until(
-            lambda: http_ok(f"http://127.0.0.1:{self.port}/v1/models", 1.0) or self.answers(),
+            lambda: address_answers(f"127.0.0.1:{self.port}", 0.5),
             timeout_s=30, poll_s=0.2, on_timeout=lambda: RuntimeError(f"{self.name} did not start"),
         )  # fmt: skip
-
-    def answers(self) -> bool:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-        except OSError:
-            return False
-        return True
 
     def close(self) -> None:
         stop(self.process, signal.SIGTERM)

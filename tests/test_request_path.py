@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from routertools import Routing
 
 from raylm.model_settings import Limits
-from raylm.net import free_port
+from raylm.net import address_answers, free_port
 from raylm.serving import client_connection
 from raylm.serving.engine_connection import EngineConnection, EnginePool
 from raylm.serving.keys import KeyFile
@@ -373,7 +373,8 @@ def test_the_routers_own_lack_of_file_descriptors_does_not_drop_a_replica(engine
     )
     router = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL)
     try:
-        wait_until(lambda: _connects(port), timeout_s=20, poll_s=0.1, on_timeout=lambda: AssertionError("no router"))
+        listening = lambda: address_answers(f"127.0.0.1:{port}", 0.2)  # noqa: E731
+        wait_until(listening, timeout_s=20, poll_s=0.1, on_timeout=lambda: AssertionError("no router"))
         target = type("Target", (), {"port": port})
         first = RawClient(target)
         holders = []
@@ -393,14 +394,6 @@ def test_the_routers_own_lack_of_file_descriptors_does_not_drop_a_replica(engine
     finally:
         router.terminate()
         router.wait(10)
-
-
-def _connects(port):
-    try:
-        socket.create_connection(("127.0.0.1", port), 0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_an_engine_connection_parked_while_paused_reads_again(engine):
