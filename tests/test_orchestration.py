@@ -272,6 +272,7 @@ def test_status_shows_each_models_replicas_and_bounds(registry):
     (record,) = raylm.status("orch", registry=registry, apps=FakeApps)
     assert record["replicas"] == {"small": {"running": 1}, "elastic": {"running": 1}}
     assert record["replica_bounds"] == {"small": [2, 2], "elastic": [0, 3]}
+    assert record["routing"] == {"small": "approximate", "elastic": "approximate"}  # its engine publishes no events
     RecordingBackend.running.clear()  # the cluster is gone: no replica states, and no connection tried
     CALLS.clear()
     (record,) = raylm.status("orch", registry=registry, apps=FakeApps)

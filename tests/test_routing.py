@@ -2,6 +2,9 @@
 prefix in front of engines (real sockets, fake engines)."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,13 +18,13 @@ from routertools import Routing as RouterThread
 
 from raylm.errors import ConfigError
 from raylm.model_settings import Routing
+from raylm.serving.kv_events import decode, follow
 from raylm.serving.policy import LeastInFlight, PrefixAware, make_policy
 from raylm.serving.prefix_index import PrefixIndex, Stored, chain_keys, token_blocks
 from raylm.serving.prompts import text_prefix
 from raylm.serving.routes import Upstream
 from raylm.testing.fake_engine import FakeEngineThread
 from raylm.waiting import wait_until
-from raylm_vllm.events import decode, follow
 
 RECORDING = msgpack.unpackb((Path(__file__).parent / "data" / "vllm-0.32-kv-events.msgpack").read_bytes(), raw=False)
 BLOCK = RECORDING["block_size"]
@@ -116,6 +119,11 @@ def upstreams(*loads):
     return replicas
 
 
+def pick(policy, replicas, request):
+    choice = policy.choose(replicas, request, policy.prefix(request))
+    return choice.upstream, choice.reason
+
+
 def tenant(name, question="What now?"):
     return {"model": "m", "prompt": f"You are the assistant of {name}. " * 40 + question}
 
@@ -123,22 +131,22 @@ def tenant(name, question="What now?"):
 def test_the_scorer_weighs_the_prefix_held_against_load():
     policy = make_policy(Routing("approximate"))
     r1, r2 = upstreams(0, 0)
-    first, why = policy.choose([r1, r2], tenant("alpha"))
+    first, why = pick(policy, [r1, r2], tenant("alpha"))
     assert why == "load"  # nobody holds it yet
-    again, why = policy.choose([r1, r2], tenant("alpha", "And then?"))
+    again, why = pick(policy, [r1, r2], tenant("alpha", "And then?"))
     assert (again, why) == (first, "prefix")
     other = r2 if first is r1 else r1
     first.in_flight = 1  # busier by one: the prefix still wins
-    assert policy.choose([r1, r2], tenant("alpha"))[0] is first
+    assert pick(policy, [r1, r2], tenant("alpha"))[0] is first
     first.in_flight = 12  # far busier than the other: the request spills
-    assert policy.choose([r1, r2], tenant("alpha")) == (other, "spilled")
+    assert pick(policy, [r1, r2], tenant("alpha")) == (other, "spilled")
 
 
 def test_a_hot_tenant_spreads_over_both_replicas():
     policy = make_policy(Routing("approximate"))
     replicas = upstreams(0, 0)
     for number in range(40):  # one tenant's requests, none finished yet
-        chosen, _ = policy.choose(replicas, tenant("hot", f"question {number}"))
+        chosen, _ = pick(policy, replicas, tenant("hot", f"question {number}"))
         chosen.in_flight += 1
     assert min(r.in_flight for r in replicas) >= 15, [r.in_flight for r in replicas]
 
@@ -146,11 +154,37 @@ def test_a_hot_tenant_spreads_over_both_replicas():
 def test_without_shared_prefixes_it_is_least_in_flight():
     policy = make_policy(Routing("approximate"))
     replicas = upstreams(3, 1, 2)
-    chosen, why = policy.choose(replicas, {"model": "m", "prompt": "short"})
+    chosen, why = pick(policy, replicas, {"model": "m", "prompt": "short"})
     assert (chosen.replica_id, why) == ("r2", "load")
     equal = upstreams(0, 0, 0)
-    picks = {policy.choose(equal, {"model": "m", "prompt": f"q{n}"})[0].replica_id for n in range(6)}
+    picks = {pick(policy, equal, {"model": "m", "prompt": f"q{n}"})[0].replica_id for n in range(6)}
     assert picks == {"r1", "r2", "r3"}  # equal scores take turns
+
+
+HOMES = """
+import sys
+from raylm.model_settings import Routing
+from raylm.serving.policy import make_policy
+from raylm.serving.routes import Upstream
+policy = make_policy(Routing("approximate"))
+homes = {}
+for name in sorted(range(12), reverse=sys.argv[1] == "reversed"):
+    request = {"model": "m", "prompt": f"You are the assistant of tenant {name}. " * 40}
+    replicas = [Upstream("m", "127.0.0.1", 1, replica) for replica in ("r1", "r2", "r3")]
+    homes[name] = policy.choose(replicas, request, policy.prefix(request))[0].replica_id
+print(" ".join(homes[name] for name in range(12)))
+"""
+
+
+def test_equally_good_replicas_are_ranked_alike_by_every_router_process():
+    # Two router processes (Python salts its string hashes per process), seeing new tenants in opposite
+    # orders, send each to the same replica; the tenants spread over all three.
+    homes = [
+        subprocess.run([sys.executable, "-c", HOMES, order], env={**os.environ, "PYTHONHASHSEED": seed}, text=True,
+                       capture_output=True, check=True).stdout.split()
+        for seed, order in (("1", "sorted"), ("2", "reversed"))
+    ]  # fmt: skip
+    assert homes[0] == homes[1] and set(homes[0]) == {"r1", "r2", "r3"}, homes
 
 
 def test_the_precise_policy_follows_events_and_waits_for_them():
@@ -158,8 +192,15 @@ def test_the_precise_policy_follows_events_and_waits_for_them():
     assert isinstance(policy, PrefixAware) and policy.follows_events
     r1, r2 = upstreams(0, 0)
     # no event yet: the approximate fallback chooses (and no tokenizer is loaded)
-    assert policy.choose([r1, r2], tenant("alpha"))[1] == "load"
-    assert policy.index.block_size is None and isinstance(make_policy(Routing()), LeastInFlight)
+    assert pick(policy, [r1, r2], tenant("alpha"))[1] == "load"
+    assert policy.index.block_size is None and isinstance(make_policy(Routing("least-in-flight")), LeastInFlight)
+
+
+def test_the_default_policy_is_the_best_the_engine_supports():
+    assert Routing().for_engine(publishes_events=True).policy == "precise"
+    assert Routing().for_engine(publishes_events=False).policy == "approximate"
+    assert Routing("least-in-flight").for_engine(publishes_events=True).policy == "least-in-flight"
+    assert make_policy(Routing()).name == "approximate"  # the engine unknown: what every engine allows
 
 
 @pytest.mark.parametrize(
@@ -178,14 +219,14 @@ def test_bad_routing_settings_are_refused(settings, message):
         Routing(**settings)
 
 
-def decisions(router):
+def routing_metrics(router):
     text = httpx.get(f"{router.url}/metrics").text
-    return {
-        (s.labels["policy"], s.labels["reason"]): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "raylm_routing_decisions_total"
-    }
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    decisions = {(s.labels["policy"], s.labels["reason"]): s.value for s in samples
+                 if s.name == "raylm_routing_decisions_total"}  # fmt: skip
+    blocks = {name: sum(s.value for s in samples if s.name == f"raylm_routing_{name}_blocks_total")
+              for name in ("prompt", "held")}  # fmt: skip
+    return decisions, blocks
 
 
 def test_the_router_sends_a_tenant_to_the_replica_that_has_its_prefix():
@@ -201,7 +242,10 @@ def test_the_router_sends_a_tenant_to_the_replica_that_has_its_prefix():
                     assert httpx.post(f"{router.url}/v1/completions", json=body).status_code == 200
                 took = (one.stats.begun - begun[0], two.stats.begun - begun[1])
                 assert sorted(took) == [0, 3], f"tenant {name}'s requests went to both replicas: {took}"
-            assert decisions(router) == {("approximate", "load"): 4, ("approximate", "prefix"): 8}
+            decisions, blocks = routing_metrics(router)
+            assert decisions == {("approximate", "load"): 4, ("approximate", "prefix"): 8}
+            # a prompt is 10 text blocks (beta's 9), all held but by each tenant's first request
+            assert blocks == {"prompt": 3 * (10 + 9 + 10 + 10), "held": 2 * (10 + 9 + 10 + 10)}
             (card,) = httpx.get(f"{router.url}/v1/models").json()["data"]
             assert card["routing"] == "approximate"
 

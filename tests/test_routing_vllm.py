@@ -14,6 +14,7 @@ from routertools import Routing as RouterThread
 
 from raylm.model_settings import Routing
 from raylm.net import ENGINE_SERVER_PORTS, KV_EVENTS_PORTS, free_ports_in, http_ok
+from raylm.serving.kv_events import FOLLOWER
 from raylm.serving.policy import make_policy
 from raylm.waiting import wait_until
 
@@ -82,7 +83,7 @@ def test_each_tenant_lands_where_its_prefix_is_and_the_engines_hit_their_cache(e
     with router:
         for number, (url, events) in enumerate(engines):
             router.call(router.table.register, "tiny", url, f"e{number}", None, None,
-                        (events, "raylm_vllm.events:follow"))  # fmt: skip
+                        (events, FOLLOWER))  # fmt: skip
         for name in ("alpha", "beta", "gamma", "delta"):
             system = f"You are the assistant of the team {name}, and you answer briefly. " * 8
             before = [counters(url) for url, _ in engines]

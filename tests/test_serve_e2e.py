@@ -44,7 +44,13 @@ def deployment(tmp_path_factory, tiny_llama, minilm_model):
                 "name": "e2e",
                 "server": {"port": port, "api_key_file": "endpoint.keys"},  # relative to the file
                 "models": [
-                    {"model": str(tiny_llama), "name": "tiny-e2e", "replicas": 2, "engine_args": TINY_LLAMA_VLLM_ARGS},
+                    {
+                        "model": str(tiny_llama),
+                        "name": "tiny-e2e",
+                        "replicas": 2,
+                        "engine_args": TINY_LLAMA_VLLM_ARGS,
+                        "routing": {"policy": "precise"},
+                    },  # fmt: skip
                     {
                         "model": str(minilm_model),
                         "name": "minilm-e2e",
@@ -210,6 +216,8 @@ def test_health_readiness_and_status(deployment):
     status = run_cli("status", "--json", env=deployment["env"])
     (record,) = json.loads(status.stdout)
     assert record["name"] == "e2e" and record["ready"] and record["models"] == ["tiny-e2e", "minilm-e2e"]
+    shown = run_cli("status", env=deployment["env"]).stdout
+    assert "tiny-e2e: 2 running (2 replica(s); routing precise)" in shown, shown
 
 
 def test_without_one_of_its_keys_the_endpoint_refuses(deployment):
@@ -253,6 +261,33 @@ def test_metrics_cover_the_router_and_every_engine(deployment, client):
     running = families["vllm:num_requests_running"].samples
     assert {s.labels["model"] for s in running} == {"tiny-e2e", "minilm-e2e"}
     assert len({s.labels["replica"] for s in running if s.labels["model"] == "tiny-e2e"}) == 2
+
+
+def scraped(deployment, name, model, by):
+    """The endpoint's /metrics: `name`'s samples for `model`, summed by the label `by`."""
+    text = httpx.get(f"{deployment['url']}/metrics", headers=deployment["headers"]).text
+    sums = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels.get("model") == model:
+                sums[s.labels[by]] = sums.get(s.labels[by], 0) + s.value
+    return sums
+
+
+def test_a_tenants_requests_go_to_the_replica_whose_engine_holds_its_prefix(deployment, client):
+    # tiny-e2e routes precisely, vLLM's default: its engines publish their KV-cache events, the router follows them
+    card = httpx.get(f"{deployment['url']}/v1/models/tiny-e2e", headers=deployment["headers"]).json()
+    assert card["routing"] == "precise"
+    system = " ".join(f"rule {n}: answer briefly." for n in range(20))  # 290 tokens: two of the engine's blocks
+    hits = ("vllm:prefix_cache_hits_total", "tiny-e2e", "replica")
+    before = scraped(deployment, *hits)
+    for question in range(4):
+        client.completions.create(model="tiny-e2e", prompt=f"{system} Question {question}?", max_tokens=2)
+        time.sleep(0.5)  # the engine's events reach the router (ZeroMQ: milliseconds)
+    grew = sorted(value - before.get(replica, 0) for replica, value in scraped(deployment, *hits).items())
+    assert grew[0] == 0 and grew[1] >= 3 * 256, grew  # one engine served the prefix 3 times from its cache
+    decisions = scraped(deployment, "raylm_routing_decisions_total", "tiny-e2e", "reason")
+    assert decisions.get("prefix", 0) >= 3, decisions
 
 
 def test_every_request_has_an_id_and_a_line_in_the_access_log(deployment, client):

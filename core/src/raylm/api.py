@@ -125,6 +125,7 @@ def _serve(
         check_port_free(plan.host, plan.port)
     owns_cluster = backend.status() is None  # also checks the backend's settings, before the slower engine checks
     engines = _resolve_engines(plan, registry)
+    plan = dataclasses.replace(plan, models=tuple(engine.deployment for engine in engines))  # as resolved
     # The engines' checks run while the cluster starts and the router deploys: they need neither.
     checks = _check_engines(engines, progress)
     try:
@@ -149,6 +150,7 @@ def _serve(
         port=plan.port,
         api_key_file=plan.api_key_file,
         replica_bounds={m.name: m.replica_bounds for m in plan.models},
+        routing={m.name: m.routing.policy for m in plan.models},
     )
     DEPLOYMENTS.save(record)
     try:
@@ -173,7 +175,8 @@ def _serve(
 
 
 def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
-    """Every model's engine, its model path checked; its arguments are checked by `_check_engines`."""
+    """Every model's engine, its model path checked (and made absolute: the router and the replicas run in
+    other folders) and its routing policy resolved; its arguments are checked by `_check_engines`."""
     engines = []
     for model in plan.models:
         # An engine in its own environment (`python`) is checked there, by its validate().
@@ -181,7 +184,9 @@ def _resolve_engines(plan: ServePlan, registry: Registry) -> list[Engine]:
         check_model_path(model.model)
         if os.path.exists(model.model):  # replicas do not run in this folder
             model = dataclasses.replace(model, model=os.path.abspath(model.model))
-        if model.routing.needs_engine_events and spec.engine_class.kv_events_follower is None:
+        publishes_events = spec.engine_class.kv_events_follower is not None
+        model = dataclasses.replace(model, routing=model.routing.for_engine(publishes_events))
+        if model.routing.needs_engine_events and not publishes_events:
             raise ConfigError(
                 f"model {model.name!r}: routing {model.routing.policy!r} needs an engine that publishes its KV-cache "
                 f"events, and {spec.name} does not: use 'approximate'"

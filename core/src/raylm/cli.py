@@ -126,7 +126,8 @@ def _deployment_name(model_name: str) -> str:
     "--routing",
     type=click.Choice(ROUTING_POLICIES),
     help="How the router picks a replica: by load, or by the prompt prefix each replica holds (approximate: "
-    "from what it sent where; precise: from the engine's own KV-cache events) [default: least-in-flight]",
+    "from what it sent where; precise: from the engine's own KV-cache events) [default: precise where the "
+    "engine publishes its events (vLLM), else approximate]",
 )
 @click.option("--no-access-log", is_flag=True, help="No line per request in the router's log.")
 @click.option(
@@ -303,7 +304,8 @@ def status_command(name: str | None, as_json: bool) -> None:
             now = ", ".join(f"{n} {s}" for s, n in states.items())
             low, high = record["replica_bounds"].get(model) or ("?", "?")
             bounds = f"{low} replica(s)" if low == high else f"{low}-{high} replicas, autoscaled"
-            click.echo(f"  {model}: {now or 'no replica'} ({bounds})")
+            routing = record["routing"].get(model, "?")
+            click.echo(f"  {model}: {now or 'no replica'} ({bounds}; routing {routing})")
 
 
 @cli.command("stop")

@@ -114,7 +114,7 @@ def model_from_mapping(entry: Mapping[str, Any], where: str) -> ModelDeployment:
         if "replicas" in entry:
             raise ConfigError(f"{where}: give `replicas` or `autoscaling`, not both")
         autoscaling = _settings(Autoscaling, autoscaling, where, "autoscaling")
-    routing = entry.get("routing", Routing.policy)
+    routing = entry.get("routing", {})
     routing = _settings(Routing, {"policy": routing} if isinstance(routing, str) else routing, where, "routing")
     return ModelDeployment(
         model=model,

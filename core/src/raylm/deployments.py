@@ -30,6 +30,7 @@ class DeploymentRecord:
     api_key_file: str | None = None  # where the router reads the endpoint's keys (the path, never a key)
     # Each model's replica bounds: [min, max] (the same number twice without autoscaling).
     replica_bounds: dict[str, list[int]] = field(default_factory=dict)
+    routing: dict[str, str] = field(default_factory=dict)  # each model's routing policy
     started: float = field(default_factory=time.time)
 
     @property

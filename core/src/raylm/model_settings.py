@@ -5,6 +5,7 @@ scale. Plain, validated settings: the plan (`raylm.config`, `raylm.engine`) hold
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,12 +98,12 @@ class Routing:
     """How the router picks a model's replica (`raylm.serving.policy` has what each policy does): the
     policy, and for the prefix-aware ones how much the prefix a replica holds counts against its load."""
 
-    policy: str = "least-in-flight"
+    policy: str | None = None  # None: the best the model's engine supports (`for_engine`)
     prefix_weight: float = 3.0
     load_weight: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.policy not in ROUTING_POLICIES:
+        if self.policy is not None and self.policy not in ROUTING_POLICIES:
             raise ConfigError(f"unknown routing policy {self.policy!r}; choose one of {', '.join(ROUTING_POLICIES)}")
         for name in ("prefix_weight", "load_weight"):
             value = getattr(self, name)
@@ -112,3 +113,10 @@ class Routing:
     @property
     def needs_engine_events(self) -> bool:
         return self.policy == "precise"
+
+    def for_engine(self, publishes_events: bool) -> Routing:
+        """These settings with the default policy made the best an engine supports: `precise` where it
+        publishes its KV-cache events, else `approximate`."""
+        if self.policy is not None:
+            return self
+        return dataclasses.replace(self, policy="precise" if publishes_events else "approximate")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from raylm.engine import Engine, ModelDeployment, ReplicaResources
 from raylm.engine_check import ERROR_PREFIX
 from raylm.errors import ConfigError
-from raylm.net import ENGINE_SERVER_PORTS, free_ports_in, http_ok, other_listeners
+from raylm.net import ENGINE_SERVER_PORTS, KV_EVENTS_PORTS, free_ports_in, http_ok, other_listeners
 from raylm.processes import supervised
 from raylm.server_process import ServerProcess
 from raylm.state import Records
@@ -195,6 +195,15 @@ class ServerEngine(Engine):
     def extra_arguments(self, host: str) -> list[str]:
         """Arguments of the engine's server that raylm adds for this replica (called once, by `start`)."""
         return []
+
+    def kv_events_port(self, host: str) -> int | None:
+        """Where this replica's engine publishes its KV-cache events, when its routing policy follows them
+        (a port of KV_EVENTS_PORTS on `host`; `kv_events_url` says it to the router): None when it does not."""
+        if not self.deployment.routing.needs_engine_events:
+            return None
+        (port,) = free_ports_in(KV_EVENTS_PORTS, host=host)
+        self.kv_events_url = f"tcp://{host}:{port}"
+        return port
 
     async def start(self, host: str) -> str:
         (port,) = free_ports_in(ENGINE_SERVER_PORTS, host=host)

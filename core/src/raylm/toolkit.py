@@ -19,8 +19,10 @@ freely (`tests/test_imports.py` holds our own plugins to it).
 - engine arguments: `args_to_argv` (a deployment file's mapping as command-line options);
 - CLI: `click_option` (a backend option as a click option), `echo_progress`;
 - HTTP: `error_body` (OpenAI's error shape), `raw_response`;
-- KV-cache events, for an engine whose router follows them (`Engine.kv_events_follower`): `Stored`,
-  `Removed`, `Cleared` (what a follower delivers), `KV_EVENTS_PORTS` (where engines publish them);
+- KV-cache events, for an engine whose router follows them (`Engine.kv_events_follower`):
+  `KV_EVENTS_FOLLOWER` (the follower of the ZeroMQ stream vLLM and SGLang publish), `Stored`, `Removed`,
+  `Cleared` (what a follower delivers), `KV_EVENTS_PORTS` (where engines publish them;
+  `ServerEngine.kv_events_port` picks one);
 - engine checks (a plugin's check module, run in the engine's environment): `check_engine_version`,
   `check_server_module`, `explained_import_failures`, `report`, `refuse`;
 - deployment files: `plan_document`.
@@ -43,12 +45,14 @@ from raylm.ray_nodes import (
     serving_node_environment,
 )
 from raylm.serving.http import error_body, raw_response
+from raylm.serving.kv_events import FOLLOWER as KV_EVENTS_FOLLOWER
 from raylm.serving.prefix_index import Cleared, Removed, Stored
 from raylm.state import Records, raylm_home, write_atomically
 from raylm.waiting import StateChanges, wait_until
 
 __all__ = [
     "DEPLOYMENTS",
+    "KV_EVENTS_FOLLOWER",
     "KV_EVENTS_PORTS",
     "Cleared",
     "Removed",

@@ -7,11 +7,13 @@ its engine's own Python (Ray's py_executable). Talked to with the OpenAI client.
 import json
 import os
 import sys
+import time
 
 import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from sglang_setup import CPU_ARGS, CPU_ENV
 
 from raylm.testing.cli import run_raylm
@@ -128,3 +130,26 @@ def test_sglang_errors_are_openai_shaped(client, endpoint):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["message"] and "type" in error and "code" in error
+
+
+def routing_blocks(endpoint, model):
+    text = httpx.get(f"{endpoint}/metrics").text
+    return {
+        name: sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name == f"raylm_routing_{name}_blocks_total" and s.labels["model"] == model)
+        for name in ("prompt", "held")
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["tiny-sglang", "tiny-vllm"])
+def test_each_engines_kv_cache_events_tell_the_router_what_its_replica_holds(client, endpoint, model):
+    # Both engines route precisely by default: the router follows each one's events (one stream format).
+    assert httpx.get(f"{endpoint}/v1/models/{model}").json()["routing"] == "precise"
+    prompt = " ".join(f"rule {n}: answer briefly." for n in range(20))  # 290 tokens
+    client.completions.create(model=model, prompt=prompt, max_tokens=2)
+    before = routing_blocks(endpoint, model)
+    time.sleep(0.5)  # the engine's events reach the router (ZeroMQ: milliseconds)
+    client.completions.create(model=model, prompt=prompt + " Again?", max_tokens=2)
+    after = routing_blocks(endpoint, model)
+    routed, held = after["prompt"] - before["prompt"], after["held"] - before["held"]
+    assert routed > 0 and held >= 0.9 * routed, (routed, held)  # all the prompt but the new question

@@ -73,6 +73,7 @@ class Exchange:
         self.route, self.model, self.request_id = route, model, request_id
         self.headers = headers  # as forwarded: the request id added
         self.payload = payload  # the parsed body (what the routing policy picks by)
+        self.prefix: list[int] | None = None  # what the routing policy read of it
         self.endpoint_key = endpoint_key  # its key was the endpoint's: never passed on
         self.state = State.QUEUED
         self.queued: Callable[[], None] | None = None  # its place in the model's queue

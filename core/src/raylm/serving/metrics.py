@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from raylm.serving.admission import Admission
+from raylm.serving.policy import Choice
 from raylm.serving.routes import RouteTable, Upstream
 
 logger = logging.getLogger("raylm.router")
@@ -64,7 +65,23 @@ class RouterMetrics:
             "raylm_routing_decisions", "Replicas chosen, by model, routing policy and reason (prefix, spilled, load)",
             ["model", "policy", "reason"], registry=self.registry,
         )  # fmt: skip
+        self.prompt_blocks = Counter(
+            "raylm_routing_prompt_blocks", "Blocks of the prompts routed to each replica (prefix-aware policies)",
+            ["model", "replica"], registry=self.registry,
+        )  # fmt: skip
+        self.held_blocks = Counter(
+            "raylm_routing_held_blocks",
+            "Of those, the blocks of the prompt's prefix the replica held when chosen, as the router believed",
+            ["model", "replica"], registry=self.registry,
+        )  # fmt: skip
         self.registry.register(_InFlight(table, admission))
+
+    def routed(self, model: str, policy: str, choice: Choice) -> None:
+        self.decisions.labels(model, policy, choice.reason).inc()
+        if choice.blocks:
+            replica = choice.upstream.replica_id
+            self.prompt_blocks.labels(model, replica).inc(choice.blocks)
+            self.held_blocks.labels(model, replica).inc(choice.held)
 
     def answered(self, model: str, route: str, status: int, first_byte_s: float | None, total_s: float) -> None:
         self.requests.labels(model, route, str(status)).inc()

@@ -15,8 +15,11 @@ its load:
     score = prefix_weight x (blocks of the prompt it holds / blocks of the prompt)
             - load_weight x in_flight / (mean in_flight of the candidates + 1)
 
-and takes the best (equal scores take turns); the reason is `prefix` (it holds the most of the
-prompt), `spilled` (another held more, but was too busy) or `load` (no replica holds any of it).
+and takes the best. Equal scores go to the prompt's "home", the first of the replicas ranked by a
+hash of the prompt's first HOME_BLOCKS blocks and their ids (rendezvous hashing): a new tenant's
+concurrent first requests land together, and every router process ranks alike. The reason is
+`prefix` (it holds the most of the prompt), `spilled` (another held more, but was too busy) or
+`load` (no replica holds any of it).
 The load term has no ceiling, so a replica holding a hot prefix takes that tenant's requests only
 until it is busier than the others by about prefix_weight / load_weight x (mean + 1): a hot tenant
 spreads instead of queueing on one replica, and where no prefix is shared the policy is
@@ -26,25 +29,38 @@ least-in-flight.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from raylm.model_settings import Routing
-from raylm.serving.prefix_index import PrefixIndex
+from raylm.serving.prefix_index import PrefixIndex, digest
 from raylm.serving.prompts import Tokenizing, text_prefix, token_prefix
 from raylm.serving.routes import Upstream
 
 # How long the approximate index believes a replica holds what it was sent: about how long an engine's
 # prefix cache keeps an unused prompt under load (a guess: the precise policy needs none).
 APPROXIMATE_TTL_S = 300.0
+HOME_BLOCKS = 16  # a prompt's home is ranked by its first 16 blocks: a tenant's system prompt, not the question
+
+
+class Choice(NamedTuple):
+    upstream: Upstream
+    reason: str  # prefix, spilled or load
+    held: int = 0  # blocks of the prompt the replica held, as the policy believed
+    blocks: int = 0  # blocks of the prompt
 
 
 class RoutingPolicy(Protocol):
     name: str
     follows_events: bool  # its index is fed by the replicas' KV-cache events (`index`)
     index: PrefixIndex | None
+    tokenizes: bool  # `prefix` tokenizes the prompt: the router calls it off its event loop
 
-    def choose(self, replicas: list[Upstream], request: dict[str, Any]) -> tuple[Upstream, str]:
-        """One of `replicas` (never empty) for `request`, the parsed JSON body, and why (a short word)."""
+    def prefix(self, request: dict[str, Any]) -> list[int] | None:
+        """What the policy reads of `request`, the parsed JSON body, to choose by: its prompt's chained block
+        keys ([]: none; None: not readable yet)."""
+
+    def choose(self, replicas: list[Upstream], request: dict[str, Any], prefix: list[int] | None) -> Choice:
+        """One of `replicas` (never empty) for `request`, whose `prefix` was read, and why (a short word)."""
 
     def forget(self, replica: str) -> None:
         """The replica left: whatever the policy believed it held is gone."""
@@ -56,6 +72,7 @@ class LeastInFlight:
     name = "least-in-flight"
     follows_events = False
     index = None
+    tokenizes = False
 
     def __init__(self) -> None:
         self.turn = 0
@@ -63,11 +80,14 @@ class LeastInFlight:
     def forget(self, replica: str) -> None:
         pass
 
-    def choose(self, replicas: list[Upstream], request: dict[str, Any]) -> tuple[Upstream, str]:
+    def prefix(self, request: dict[str, Any]) -> list[int]:
+        return []
+
+    def choose(self, replicas: list[Upstream], request: dict[str, Any], prefix: list[int] | None = None) -> Choice:
         fewest = min(upstream.in_flight for upstream in replicas)
         idlest = [upstream for upstream in replicas if upstream.in_flight == fewest]
         self.turn += 1
-        return idlest[self.turn % len(idlest)], "load"
+        return Choice(idlest[self.turn % len(idlest)], "load")
 
 
 class PrefixAware:
@@ -86,35 +106,39 @@ class PrefixAware:
         `record`: the index learns from the choices themselves (the approximate policy)."""
         self.name, self.index, self.prefix_of, self.fallback = name, index, prefix_of, fallback
         self.weights, self.record = weights, record
-        self.follows_events = not record
-        self.turn = 0
+        self.follows_events = self.tokenizes = not record
+        self.least = LeastInFlight()  # for prompts too short to hold a block
 
     def forget(self, replica: str) -> None:
         self.index.forget(replica)
         if self.fallback is not None:
             self.fallback.forget(replica)
 
-    def choose(self, replicas: list[Upstream], request: dict[str, Any]) -> tuple[Upstream, str]:
-        keys = self.prefix_of(request)
-        if keys is None:
-            return (self.fallback or LeastInFlight()).choose(replicas, request)
-        matched = self.index.matched(keys, [u.replica_id for u in replicas]) if keys else {}
+    def prefix(self, request: dict[str, Any]) -> list[int] | None:
+        return self.prefix_of(request)
+
+    def choose(self, replicas: list[Upstream], request: dict[str, Any], prefix: list[int] | None) -> Choice:
+        if prefix is None:
+            fallback = self.fallback or self.least
+            return fallback.choose(replicas, request, fallback.prefix(request))
+        if not prefix:
+            return self.least.choose(replicas, request)
+        matched = self.index.matched(prefix, [u.replica_id for u in replicas])
         mean = sum(u.in_flight for u in replicas) / len(replicas)
-        self.turn += 1
+        home = prefix[min(len(prefix), HOME_BLOCKS) - 1]
 
-        def score(position: int) -> tuple[float, int]:
-            upstream = replicas[position]
-            held = matched.get(upstream.replica_id, 0) / len(keys) if keys else 0.0
+        def score(upstream: Upstream) -> tuple[float, int]:
+            held = matched[upstream.replica_id] / len(prefix)
             value = self.weights.prefix_weight * held - self.weights.load_weight * upstream.in_flight / (mean + 1)
-            return value, (position - self.turn) % len(replicas)  # equal scores take turns
+            return value, hash((home, digest(upstream.replica_id)))
 
-        best = replicas[max(range(len(replicas)), key=score)]
-        if self.record and keys:
-            self.index.record(best.replica_id, keys)
-        most = max(matched.values(), default=0)
-        if not most:
-            return best, "load"  # no replica holds any of it
-        return best, "prefix" if matched[best.replica_id] == most else "spilled"
+        best = max(replicas, key=score)
+        if self.record:
+            self.index.record(best.replica_id, prefix)
+        most = max(matched.values())
+        held = matched[best.replica_id]
+        reason = "load" if not most else "prefix" if held == most else "spilled"  # load: no replica holds any
+        return Choice(best, reason, held, len(prefix))
 
 
 def make_policy(routing: Routing, tokenizer_path: str | None = None) -> RoutingPolicy:
@@ -122,6 +146,8 @@ def make_policy(routing: Routing, tokenizer_path: str | None = None) -> RoutingP
     `tokenizer_path`, the model's own)."""
     if routing.policy == "least-in-flight":
         return LeastInFlight()
+    if routing.policy is None:  # the engine's best, unknown here (a serve resolves it): the one any engine allows
+        routing = routing.for_engine(publishes_events=False)
     index = PrefixIndex(ttl_s=APPROXIMATE_TTL_S)
     approximate = PrefixAware("approximate", index, text_prefix, routing, record=True)
     if routing.policy == "approximate":

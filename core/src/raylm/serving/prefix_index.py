@@ -1,10 +1,10 @@
 """Which replica holds which prefix: the index prefix-aware routing scores replicas by.
 
-A prefix is a chain of blocks (token ids, or text for the approximate index), each block's key
-made from the key before it and the block's own content, so a key names the whole prefix up to
-its block. Keys are computed here from content (Python's hash of tuples of ints and of the key
-before: the same in every router process), never copied from an engine, so two routers fed the
-same engine events hold the same index and decide alike.
+A prefix is a chain of blocks (token ids, or digests of text for the approximate index), each
+block's key made from the key before it and the block's own content, so a key names the whole
+prefix up to its block. Keys are computed here from content (Python's hash of tuples of ints,
+which no process salts, from a root digest), never copied from an engine, so two routers fed the
+same engine events hold the same keys and decide alike.
 
 Fed two ways:
 - precise: from each replica's engine, as KV-cache events (a block stored with its token ids and
@@ -17,6 +17,7 @@ Fed two ways:
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
@@ -25,11 +26,21 @@ from dataclasses import dataclass
 ROOT = 0
 
 
+def digest(value: object) -> int:
+    """A 64-bit digest of `value`'s repr, the same in every process (Python salts the hash of strings)."""
+    return int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=8).digest(), "big")
+
+
+def root_key(root: Hashable) -> int:
+    """The key chains start from: `root` separates chains that must never match (another LoRA adapter's
+    blocks, another model's text)."""
+    return digest(("raylm-prefix", root))
+
+
 def chain_keys(blocks: Iterable[Hashable], root: Hashable = ROOT) -> list[int]:
-    """The key of every prefix of `blocks`: key i names blocks 0..i. `root` separates chains that must
-    never match (another LoRA adapter's blocks)."""
+    """The key of every prefix of `blocks` (tuples of ints, or ints): key i names blocks 0..i."""
     keys = []
-    key = hash(("raylm-prefix", root))
+    key = root_key(root)
     for block in blocks:
         key = hash((key, block))
         keys.append(key)
@@ -85,7 +96,7 @@ class PrefixIndex:
             if isinstance(event, Stored):
                 self.block_size = event.block_size
                 if event.parent is None:
-                    parent_key = hash(("raylm-prefix", event.adapter or ROOT))
+                    parent_key = root_key(event.adapter or ROOT)
                 elif event.parent in own:
                     parent_key = own[event.parent]
                 else:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from raylm.serving.prefix_index import chain_keys, token_blocks
+from raylm.serving.prefix_index import chain_keys, digest, token_blocks
 
 logger = logging.getLogger("raylm.router")
 
@@ -38,25 +39,34 @@ def prompt_text(request: dict[str, Any]) -> str:
 def text_prefix(request: dict[str, Any]) -> list[int]:
     """The approximate prefix: the prompt's text in blocks of TEXT_BLOCK_CHARS, under its model's name."""
     text = prompt_text(request)
-    blocks = [text[i : i + TEXT_BLOCK_CHARS] for i in range(0, len(text) - TEXT_BLOCK_CHARS + 1, TEXT_BLOCK_CHARS)]
+    blocks = [
+        digest(text[i : i + TEXT_BLOCK_CHARS]) for i in range(0, len(text) - TEXT_BLOCK_CHARS + 1, TEXT_BLOCK_CHARS)
+    ]
     return chain_keys(blocks, root=("text", request.get("model")))
 
 
 class Tokenizing:
-    """The engine's tokens for a request, from the model's own tokenizer and chat template (loaded once, on
-    first use: a fast tokenizer, as the engines use)."""
+    """The engine's tokens for a request, from the model's own tokenizer and chat template (a fast tokenizer,
+    as the engines use), loaded once in the background from the start: importing transformers and loading
+    take seconds, which no request waits for (until then, `ready` is False)."""
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str | None):
         self.model_path = model_path
-        self._tokenizer: Any = None
+        self.tokenizer: Any = None
+        if model_path is not None:
+            threading.Thread(target=self._load, name="raylm-tokenizer", daemon=True).start()
 
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
+    def _load(self) -> None:
+        try:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        return self._tokenizer
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        except Exception as exc:  # the router serves on, reading prompts approximately: say so once
+            logger.error("no tokenizer loaded from %s (%s): prompts are routed approximately", self.model_path, exc)
+
+    @property
+    def ready(self) -> bool:
+        return self.tokenizer is not None
 
     def tokens(self, request: dict[str, Any]) -> list[int]:
         """As vLLM makes them: a completion's prompt with the tokenizer's special tokens; a chat's messages
@@ -75,11 +85,12 @@ class Tokenizing:
 
 def token_prefix(tokenizing: Tokenizing, block_size: Callable[[], int | None]) -> Callable[[dict], list[int]]:
     """The precise prefix of a request: its tokens in the engine's blocks (the size the engine's events
-    said); None while no event said it (the caller falls back to the approximate prefix)."""
+    said); None while no event said it or the tokenizer is not loaded (the caller falls back to the
+    approximate prefix)."""
 
     def prefix(request: dict[str, Any]) -> list[int] | None:
         size = block_size()
-        if size is None:
+        if size is None or not tokenizing.ready:
             return None
         try:
             tokens = tokenizing.tokens(request)

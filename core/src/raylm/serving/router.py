@@ -242,6 +242,21 @@ class Router:
                 exchange.reply(404, self.unknown_model(model))
             return
         exchange.model = model
+        policy = self.policy_of(model)
+        if not policy.tokenizes:
+            exchange.prefix = policy.prefix(payload)
+            self.admit(exchange, woken=False)
+            return
+        # Tokenizing a long prompt takes milliseconds: not on the loop that relays every stream's chunks.
+        reading = self.loop.run_in_executor(None, policy.prefix, payload)
+        reading.add_done_callback(lambda done: self.prefix_read(exchange, done))
+
+    def prefix_read(self, exchange: Exchange, reading: asyncio.Future) -> None:
+        if exchange.state is State.DONE:  # its client left while its prompt was read
+            return
+        if reading.exception() is not None:  # a fault of the policy's: route the request by load alone
+            logger.error("reading a prompt's prefix failed", exc_info=reading.exception())
+        exchange.prefix = [] if reading.exception() is not None else reading.result()
         self.admit(exchange, woken=False)
 
     # what an exchange asks
@@ -262,10 +277,10 @@ class Router:
         room = self.admission.with_room(model, replicas) if woken or not self.admission.depth(model) else []
         if room:
             policy = self.policy_of(model)
-            upstream, reason = policy.choose(room, exchange.payload)
+            choice = policy.choose(room, exchange.payload, exchange.prefix)
             if self.metrics is not None:
-                self.metrics.decisions.labels(model, policy.name, reason).inc()
-            exchange.forward(upstream)
+                self.metrics.routed(model, policy.name, choice)
+            exchange.forward(choice.upstream)
             return
         resume = lambda: self.admit(exchange, woken=True)  # noqa: E731
         if not self.admission.wait(model, resume, first=woken):

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from raylm import ServerEngine
+from raylm.toolkit import KV_EVENTS_FOLLOWER
 
 
 class SGLangEngine(ServerEngine):
@@ -29,6 +30,8 @@ class SGLangEngine(ServerEngine):
         "--api-key": "the endpoint's keys (--api-key-file); each engine gets a key of its own",
         "--config": "engine_args in the deployment file (raylm gives SGLang its key in a config file)",
     }
+    # With the precise routing policy, SGLang publishes its radix cache's events (the stream vLLM publishes).
+    kv_events_follower = KV_EVENTS_FOLLOWER
     config_file: Path | None = None
 
     def key_settings(self) -> tuple[dict[str, str], list[str]]:
@@ -41,6 +44,17 @@ class SGLangEngine(ServerEngine):
             json.dump({"api-key": self.api_key}, config)  # JSON is YAML
         self.config_file = Path(path)
         return {}, ["--config", path]
+
+    def extra_arguments(self, host: str) -> list[str]:
+        """With the precise routing policy: SGLang publishes its KV-cache events on a port of this replica's,
+        bound on the replica's own address only."""
+        port = self.kv_events_port(host)
+        if port is None:
+            return []
+        return [
+            "--kv-events-config",
+            json.dumps({"publisher": "zmq", "endpoint": f"tcp://{host}:{port}", "bind": True}),
+        ]
 
     async def stop(self) -> None:
         await super().stop()

@@ -3,7 +3,7 @@
 import json
 
 from raylm import ServerEngine
-from raylm.toolkit import KV_EVENTS_PORTS, free_ports_in
+from raylm.toolkit import KV_EVENTS_FOLLOWER
 
 
 class VLLMEngine(ServerEngine):
@@ -18,7 +18,7 @@ class VLLMEngine(ServerEngine):
     model_option = "--model"
     api_key_env = "VLLM_API_KEY"  # vLLM's own guard requires it on /v1; raylm's middleware on the rest
     # With the precise routing policy, vLLM publishes its KV-cache events; the router follows them so.
-    kv_events_follower = "raylm_vllm.events:follow"
+    kv_events_follower = KV_EVENTS_FOLLOWER
     # vLLM's own key guards /v1 only: this middleware guards every other route but /health.
     guard = "raylm_vllm.guard.RequireReplicaKey"
     reserved_options = {
@@ -37,11 +37,10 @@ class VLLMEngine(ServerEngine):
 
     def extra_arguments(self, host: str) -> list[str]:
         """With the precise routing policy: vLLM publishes its KV-cache events on a port of this replica's
-        (ZeroMQ, bound on every address of the node: they carry the prompts' token ids, so that port range
-        stays behind the cluster's network policy, as the engines' own ports do)."""
-        if not self.deployment.routing.needs_engine_events:
+        (ZeroMQ, bound on every address of the node, as vLLM binds only wildcards: they carry the prompts'
+        token ids, so that port range stays behind the cluster's network policy, as the engines' own ports)."""
+        port = self.kv_events_port(host)
+        if port is None:
             return []
-        (port,) = free_ports_in(KV_EVENTS_PORTS, host=host)
-        self.kv_events_url = f"tcp://{host}:{port}"
         config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{port}"}
         return ["--kv-events-config", json.dumps(config)]
