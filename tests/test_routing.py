@@ -255,3 +255,26 @@ def test_text_prefixes_differ_by_model_and_ignore_short_prompts():
     assert text_prefix({"model": "a", "prompt": "short"}) == []
     chat = {"model": "a", "messages": [{"role": "system", "content": "s" * 200}, {"role": "user", "content": "q"}]}
     assert len(text_prefix(chat)) == 1 and json.dumps(chat)
+
+
+def test_the_router_tokenizes_prompts_off_its_loop_and_routes_by_what_an_engine_holds(tiny_llama):
+    from transformers import AutoTokenizer
+
+    policy = make_policy(Routing("precise"), str(tiny_llama))
+    prompt = tenant("alpha")["prompt"]
+    tokens = AutoTokenizer.from_pretrained(str(tiny_llama))(prompt).input_ids
+    with FakeEngineThread() as one, FakeEngineThread() as two:
+        router = RouterThread(["m"], policies={"m": policy})
+        with router:
+            router.call(router.table.register, "m", one.url, "one", None)
+            router.call(router.table.register, "m", two.url, "two", None)
+            # what replica two's engine would say: it stored the prompt's first 4 blocks of 16 tokens
+            router.call(policy.index.apply, "two", [Stored((1, 2, 3, 4), None, tuple(tokens[:64]), 16)])
+            wait_until(lambda: policy.prefix(tenant("alpha")) is not None, timeout_s=60, poll_s=0.2,
+                       on_timeout=lambda: AssertionError("the tokenizer did not load"))  # fmt: skip
+            for question in range(3):
+                body = {**tenant("alpha", f"question {question}"), "chunks": 1}
+                assert httpx.post(f"{router.url}/v1/completions", json=body).status_code == 200
+            assert (one.stats.begun, two.stats.begun) == (0, 3)
+            decisions, blocks = routing_metrics(router)
+            assert decisions == {("precise", "prefix"): 3} and blocks["held"] == 3 * 4

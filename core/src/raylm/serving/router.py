@@ -231,8 +231,7 @@ class Router:
             exchange.reply(400, error_body(400, message, param="model"))
             return
         if self.draining:
-            message = "the endpoint is shutting down; retry on another endpoint or later"
-            exchange.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
+            self.refuse_while_draining(exchange)
             return
         if not self.table.replicas(model) and model not in self.cold_starts:
             if model in self.table.expected_models:
@@ -254,10 +253,17 @@ class Router:
     def prefix_read(self, exchange: Exchange, reading: asyncio.Future) -> None:
         if exchange.state is State.DONE:  # its client left while its prompt was read
             return
+        if self.draining:  # it began while its prompt was read
+            self.refuse_while_draining(exchange)
+            return
         if reading.exception() is not None:  # a fault of the policy's: route the request by load alone
             logger.error("reading a prompt's prefix failed", exc_info=reading.exception())
         exchange.prefix = [] if reading.exception() is not None else reading.result()
         self.admit(exchange, woken=False)
+
+    def refuse_while_draining(self, exchange: Exchange) -> None:
+        message = "the endpoint is shutting down; retry on another endpoint or later"
+        exchange.reply(503, error_body(503, message, code="shutting_down"), retry_after_s=RETRY_AFTER_S)
 
     # what an exchange asks
     def admit(self, exchange: Exchange, woken: bool) -> None:
