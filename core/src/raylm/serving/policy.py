@@ -16,7 +16,7 @@ its load:
             - load_weight x in_flight / (mean in_flight of the candidates + 1)
 
 and takes the best. Equal scores go to the prompt's "home", the first of the replicas ranked by a
-hash of the prompt's first HOME_BLOCKS blocks and their ids (rendezvous hashing): a new tenant's
+hash of the prompt's first HOME_TOKENS tokens and their ids (rendezvous hashing): a new tenant's
 concurrent first requests land together, and every router process ranks alike. The reason is
 `prefix` (it holds the most of the prompt), `spilled` (another held more, but was too busy) or
 `load` (no replica holds any of it).
@@ -33,13 +33,15 @@ from typing import Any, NamedTuple, Protocol
 
 from raylm.model_settings import Routing
 from raylm.serving.prefix_index import PrefixIndex, digest
-from raylm.serving.prompts import Tokenizing, text_prefix, token_prefix
+from raylm.serving.prompts import TEXT_BLOCK_TOKENS, Tokenizing, text_prefix, token_prefix
 from raylm.serving.routes import Upstream
 
 # How long the approximate index believes a replica holds what it was sent: about how long an engine's
 # prefix cache keeps an unused prompt under load (a guess: the precise policy needs none).
 APPROXIMATE_TTL_S = 300.0
-HOME_BLOCKS = 16  # a prompt's home is ranked by its first 16 blocks: a tenant's system prompt, not the question
+# A prompt's home is ranked by its first 512 tokens (in the index's blocks; text blocks are about 32 tokens): a
+# tenant's system prompt past the chat template's opening, not the question.
+HOME_TOKENS = 512
 
 
 class Choice(NamedTuple):
@@ -125,7 +127,7 @@ class PrefixAware:
             return self.least.choose(replicas, request)
         matched = self.index.matched(prefix, [u.replica_id for u in replicas])
         mean = sum(u.in_flight for u in replicas) / len(replicas)
-        home = prefix[min(len(prefix), HOME_BLOCKS) - 1]
+        home = prefix[min(len(prefix), HOME_TOKENS // (self.index.block_size or TEXT_BLOCK_TOKENS)) - 1]
 
         def score(upstream: Upstream) -> tuple[float, int]:
             held = matched[upstream.replica_id] / len(prefix)

@@ -12,7 +12,8 @@ from raylm.serving.prefix_index import chain_keys, digest, token_blocks
 
 logger = logging.getLogger("raylm.router")
 
-TEXT_BLOCK_CHARS = 128  # about 32 tokens: a block of the approximate index
+TEXT_BLOCK_CHARS = 128  # a block of the approximate index
+TEXT_BLOCK_TOKENS = 32  # about as many tokens
 
 
 def prompt_text(request: dict[str, Any]) -> str:
