@@ -100,8 +100,9 @@ def status_lines(deployment):
 def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_zero(deployment):
     endpoint = deployment["url"]
     tiny, idle = status_lines(deployment)  # tiny's second replica may still be stopping: "1 stopping, 1 running"
-    assert re.fullmatch(r"  tiny: (\d+ \w+, )*1 running(, \d+ \w+)* \(1-2 replicas, autoscaled\)", tiny), tiny
-    assert idle == "  idle: no replica (0-1 replicas, autoscaled)"
+    shown = r"  tiny: (\d+ \w+, )*1 running(, \d+ \w+)* \(1-2 replicas, autoscaled; routing precise\)"
+    assert re.fullmatch(shown, tiny), tiny
+    assert idle == "  idle: no replica (0-1 replicas, autoscaled; routing precise)"
     ready = httpx.get(f"{endpoint}/ready")
     assert ready.status_code == 200 and ready.json()["scaled_to_zero"] == ["idle"]
     assert replicas_registered(endpoint, "idle") == 0 and idle_engines() == []
@@ -111,7 +112,7 @@ def test_a_model_scaled_to_zero_starts_for_its_first_request_and_goes_back_to_ze
     print(f"scaled to zero: first answer after {time.monotonic() - started:.1f}s")
     assert answer.choices[0].text and answer.usage.completion_tokens == 8
     assert replicas_registered(endpoint, "idle") == 1
-    assert "  idle: 1 running (0-1 replicas, autoscaled)" in status_lines(deployment)
+    assert "  idle: 1 running (0-1 replicas, autoscaled; routing precise)" in status_lines(deployment)
     wait_for_replicas(endpoint, 0, timeout_s=120, model="idle")
     wait_until(
         lambda: idle_engines() == [],
