@@ -127,7 +127,7 @@ def _deployment_name(model_name: str) -> str:
     type=click.Choice(ROUTING_POLICIES),
     help="How the router picks a replica: by load, or by the prompt prefix each replica holds (approximate: "
     "from what it sent where; precise: from the engine's own KV-cache events) [default: precise where the "
-    "engine publishes its events (vLLM), else approximate]",
+    "engine publishes its events (vLLM, SGLang), else approximate]",
 )
 @click.option("--no-access-log", is_flag=True, help="No line per request in the router's log.")
 @click.option(

@@ -106,7 +106,7 @@ class PrefixAware:
     ):
         """`prefix_of(request)`: the request's chained block keys (None: not known yet: `fallback` chooses);
         `record`: the index learns from the choices themselves (the approximate policy)."""
-        self.name, self.index, self.prefix_of, self.fallback = name, index, prefix_of, fallback
+        self.name, self.index, self.prefix, self.fallback = name, index, prefix_of, fallback
         self.weights, self.record = weights, record
         self.follows_events = self.tokenizes = not record
         self.least = LeastInFlight()  # for prompts too short to hold a block
@@ -115,9 +115,6 @@ class PrefixAware:
         self.index.forget(replica)
         if self.fallback is not None:
             self.fallback.forget(replica)
-
-    def prefix(self, request: dict[str, Any]) -> list[int] | None:
-        return self.prefix_of(request)
 
     def choose(self, replicas: list[Upstream], request: dict[str, Any], prefix: list[int] | None) -> Choice:
         if prefix is None:
